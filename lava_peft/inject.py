@@ -1,0 +1,152 @@
+"""Which modules to adapt, and swapping wrappers in and out of a model.
+
+Matching rules (the same as HF PEFT where PEFT has them):
+
+* a list entry ``"query"`` matches a module named ``query`` or ending in ``.query``;
+* a list entry ``"type:Conv2d"`` (or the class ``nn.Conv2d`` in the config) matches by type;
+* a plain string is a regular expression matched against the full module name;
+* ``"all-linear"``: every Linear / GPT-2 Conv1D except the output head;
+  ``"all-conv"``: every Conv1d/2d/3d; ``"all"``: both (heads excluded).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import TargetModulesError, UnsupportedLayerError
+from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
+
+HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls")
+"""Last name components treated as an output head by ``"all-linear"``/``"all"``."""
+
+
+def _entry_matches(entry: str, name: str, module: nn.Module) -> bool:
+    if entry.startswith("type:"):
+        return type(module).__name__ == entry[5:]
+    return name == entry or name.endswith("." + entry)
+
+
+def name_matches(spec, name: str, module: nn.Module) -> bool:
+    """Does ``spec`` (list of names/types or regex string) select this module?"""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(_entry_matches(e, name, module) for e in spec)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of modules that are the model's output head (never adapted by the keywords)."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except Exception:  # noqa: BLE001 - some models raise NotImplementedError here
+            out = None
+        if out is not None:
+            heads.update(n for n, m in model.named_modules() if m is out)
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if any(p in HEAD_NAMES for p in parts):
+            heads.add(name)
+    return heads
+
+
+def _keyword_selects(keyword: str, module: nn.Module) -> bool:
+    ops = layer_ops(module)
+    if ops is None:
+        return False
+    is_linear = ops.name in ("Linear", "Conv1D")
+    is_conv = ops.name == "ConvNd"
+    return (keyword == "all-linear" and is_linear) or (keyword == "all-conv" and is_conv) or (
+        keyword == "all" and (is_linear or is_conv)
+    )
+
+
+def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs the config selects; raises if none or if one is unsupported."""
+    targets = config.target_modules
+    keyword = targets if isinstance(targets, str) and targets in ("all-linear", "all-conv", "all") else None
+    heads = output_head_names(model) if keyword else set()
+    save_names = config.modules_to_save or []
+    selected = []
+    for name, found in model.named_modules():
+        if not name or isinstance(found, SavedModuleWrapper) or _inside_wrapper(model, name):
+            continue
+        # a layer wrapped by an earlier adapter is matched through its base layer
+        module = found.base_layer if isinstance(found, AdaptedLayer) else found
+        if keyword:
+            hit = _keyword_selects(keyword, module) and name not in heads
+        else:
+            hit = name_matches(targets, name, module)
+        if not hit or name_matches(config.exclude_modules, name, module):
+            continue
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in save_names):
+            continue
+        if layer_ops(module) is None:
+            if isinstance(targets, list) or keyword:
+                raise UnsupportedLayerError(
+                    f"module {name!r} ({type(module).__name__}) matched target_modules={targets!r} but "
+                    f"cannot be adapted; supported layer types: {SUPPORTED_LAYER_TYPES}. "
+                    "Name its Linear/Conv children instead, or add it to exclude_modules"
+                )
+            continue  # a regex may legitimately match containers; skip them
+        selected.append((name, found))
+    if not selected:
+        examples = [n for n, m in model.named_modules() if n and layer_ops(m) is not None and not _inside_wrapper(model, n)]
+        examples = examples[:8]
+        raise TargetModulesError(
+            f"target_modules={targets!r} matched no adaptable module. "
+            f"Adaptable modules in this model include: {examples}. "
+            'Use names or suffixes from that list, a regex, "all-linear", "all-conv" or layer types'
+        )
+    return selected
+
+
+def _inside_wrapper(model: nn.Module, name: str) -> bool:
+    """True for modules living inside an AdaptedLayer/SavedModuleWrapper (their base layer, copies)."""
+    parts = name.split(".")
+    module = model
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, (AdaptedLayer, SavedModuleWrapper)):
+            return True
+    return False
+
+
+def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[tuple[str, nn.Module]]:
+    if not names:
+        return []
+    found = []
+    for name, module in model.named_modules():
+        if name and any(name == s or name.endswith("." + s) for s in names) and not _inside_wrapper(model, name):
+            found.append((name, module))
+    missing = [s for s in names if not any(n == s or n.endswith("." + s) for n, _ in found)]
+    if missing:
+        raise TargetModulesError(
+            f"modules_to_save entries {missing} match no module in the model; "
+            f"top-level modules are {[n for n, _ in model.named_children()]}"
+        )
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def adapted_layers(model: nn.Module):
+    """``(name, AdaptedLayer)`` pairs, names as in the original model (no ``.base_layer``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def saved_module_wrappers(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, SavedModuleWrapper):
+            yield name, module

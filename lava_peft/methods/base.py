@@ -1,0 +1,79 @@
+"""The protocol every weight-delta method implements.
+
+A :class:`DeltaAdapter` lives inside an :class:`~lava_peft.layers.AdaptedLayer` and
+provides
+
+* :meth:`delta_weight` — ``ΔW`` in the canonical layout ``(O, I, *K)`` (fp32);
+* :meth:`forward` — the fast unmerged path ``base_out + contribution(x)``;
+* :meth:`uses_weight_path` — whether the layer should instead run one op with
+  ``W0 + ΔW`` (conv kernels);
+* :meth:`regularization` — an unweighted loss term for this layer, or ``None``;
+* :meth:`trainable_parameter_names` — the tensors that are trained and saved.
+
+Merge, unmerge, save/load, mixed batches and weighted combination are written once
+against this protocol (``layers.py``, ``model.py``, ``io.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import LayerSpec
+
+
+class DeltaAdapter(nn.Module):
+    """Base class; subclasses create their parameters in ``__init__``."""
+
+    def __init__(self, spec: LayerSpec, config, module_name: str):
+        super().__init__()
+        self.spec = spec
+        self.r = config.rank_for(module_name)
+        self.scale = config.scale_for(module_name)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    # -- protocol ---------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def uses_weight_path(self) -> bool:
+        """Conv kernels: materialise ``ΔW`` and run one conv (exact, and as cheap as the base conv).
+
+        With input dropout active the increment must see the dropped input, so the
+        separate (factored / delta-op) path is used instead.
+        """
+        return self.spec.kind == "conv" and not (self.training and isinstance(self.dropout, nn.Dropout))
+
+    def forward(self, x, base_out, layer):
+        """Generic unmerged path: ``base_out + op(dropout(x); ΔW)`` (no bias)."""
+        delta = layer.ops.to_base_layout(self.delta_weight())
+        x_in = x if self.spec.kind == "embedding" else self.dropout(x)
+        dtype = base_out.dtype if base_out.is_floating_point() else delta.dtype
+        return base_out + layer.ops.forward_with_weight(layer.base_layer, x_in, delta.to(dtype), with_bias=False)
+
+    def regularization(self) -> torch.Tensor | None:
+        return None
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, _ in self.named_parameters()]
+
+    @classmethod
+    def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
+        """Raise a clear error if this method cannot adapt the layer (before anything is modified)."""
+
+    def max_rank(self) -> int:  # pragma: no cover - informational
+        return self.r
+
+
+def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapter: "DeltaAdapter", dtype: torch.dtype):
+    """Factored low-rank path shared by LoRA and LAVA (``ΔW = s·up·down``).
+
+    ``down`` is ``(r, I)``, ``up`` is ``(O, r)``.  Linear: ``s·(dropout(x) downᵀ) upᵀ``;
+    Embedding: ``s·(row x of downᵀ) upᵀ``.  The small factors are cast to the
+    activation dtype ``dtype``; the activations are never cast.
+    """
+    if adapter.spec.kind == "embedding":
+        hidden = torch.nn.functional.embedding(x, down.T.to(dtype), padding_idx=adapter.spec.padding_idx)
+    else:
+        hidden = torch.nn.functional.linear(adapter.dropout(x), down.to(dtype))
+    return torch.nn.functional.linear(hidden, up.to(dtype)) * scale

@@ -1,0 +1,68 @@
+"""LoRA (Hu et al., 2021): ``ΔW = s · B A`` with ``A ∈ R^{r×I}``, ``B ∈ R^{O×r}``, ``s = α/r``.
+
+On a convolution the kernel is flattened, as in HF PEFT: ``A`` is a kernel-sized conv
+``I/groups·K1·…·KN → r`` and ``B`` a 1×1 conv ``r → O``; here ``ΔW = s·(B A)`` is
+materialised with shape ``(O, I/groups, *K)`` and run as one conv (exact, handles
+groups/stride/dilation/padding).  Trainable parameters per conv: ``r·(I/groups·ΠK + O)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, register_method
+from ..errors import LavaConfigError
+from ..layers import LayerSpec
+from .base import DeltaAdapter, lowrank_forward
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA. ``init="default"``: ``A`` Kaiming-uniform, ``B = 0`` (Embedding: ``A = 0``, ``B`` Gaussian)."""
+
+    init: str = "default"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in ("default", "gaussian"):
+            raise LavaConfigError(f"LoraConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
+
+
+class LoraAdapter(DeltaAdapter):
+    def __init__(self, spec: LayerSpec, config: LoraConfig, module_name: str):
+        super().__init__(spec, config, module_name)
+        fan_in = spec.in_dim * math.prod(spec.kernel_size)
+        self.lora_A = nn.Parameter(torch.empty(self.r, fan_in))
+        self.lora_B = nn.Parameter(torch.zeros(spec.out_dim, self.r))
+        if spec.kind == "embedding":
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        elif config.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
+        r = config.rank_for(module_name)
+        limit = min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
+        if r > limit:
+            raise LavaConfigError(
+                f"LoRA rank r={r} is larger than allowed ({limit}) for {module_name} with weight "
+                f"{spec.canonical_shape}; lower r or set rank_pattern={{'{module_name}': {limit}}}"
+            )
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).view(self.spec.canonical_shape) * self.scale
+
+    def forward(self, x, base_out, layer):
+        if self.spec.kind == "conv":
+            return super().forward(x, base_out, layer)
+        return base_out + lowrank_forward(x, self.lora_A, self.lora_B, self.scale, self, base_out.dtype)
+
+
+register_method("lora", LoraConfig, LoraAdapter)

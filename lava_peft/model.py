@@ -1,0 +1,438 @@
+"""``AdaptedModel``: a base model with named adapters; the verbs users of HF PEFT know.
+
+Every operation that changes the model first *plans* (finds targets, builds adapters,
+checks files) without touching the model, then *commits*.  So a bad config, a wrong
+base model or a corrupt file raises a clear error and leaves the model exactly as it
+was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .config import FORMAT_VERSION, AdapterConfig, adapter_class, config_from_payload
+from .errors import AdapterFileError, AdapterNameError, IncompatibleBaseModelError, LavaError
+from .inject import (
+    adapted_layers,
+    find_modules_to_save,
+    find_targets,
+    saved_module_wrappers,
+    set_submodule,
+)
+from .io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_save_safetensors,
+    atomic_write_json,
+    fingerprint,
+    read_json,
+    read_safetensors,
+)
+from .layers import BASE_NAME, AdaptedLayer, SavedModuleWrapper, layer_ops
+
+SAVED_MARKER = "__saved__"
+"""Key infix of ``modules_to_save`` tensors: ``<module>.__saved__.<param>``."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class _Plan:
+    """Everything ``add_adapter`` will do, built without touching the model."""
+
+    name: str
+    config: AdapterConfig
+    layers: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)  # (path, found, adapter)
+    saved: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, found)
+
+
+class AdaptedModel(nn.Module):
+    """Wraps ``model``; forward passes through unchanged (``model(**batch)`` / ``model(x)``)."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, AdaptedModel):
+            raise LavaError("model is already an AdaptedModel; use model.add_adapter(name, config) instead")
+        self.model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._active: list[str] = []
+        self._inference_only: set[str] = set()
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ================================================================= forward
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str]):
+        """Within the block every adapted layer uses ``adapter_names[i]`` for sample ``i``."""
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_NAME and n not in self.peft_config})
+        if unknown:
+            raise AdapterNameError(
+                f"adapter_names contains unknown adapters {unknown}; known: {sorted(self.peft_config)} "
+                f"(use {BASE_NAME!r} for the base model)"
+            )
+        layers = [layer for _, layer in adapted_layers(self.model)]
+        for layer in layers:
+            layer.mixed_adapter_names = names
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.mixed_adapter_names = None
+
+    # ================================================================= adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active[0] if self._active else None
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name == BASE_NAME:
+            raise AdapterNameError(
+                f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (and not {BASE_NAME!r})"
+            )
+        if name in self.peft_config:
+            raise AdapterNameError(
+                f"an adapter named {name!r} already exists (adapters: {sorted(self.peft_config)}); "
+                "pick another name or delete_adapter() it first"
+            )
+
+    def _check_known(self, names: Iterable[str]) -> list[str]:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
+        return names
+
+    def _plan(self, name: str, config: AdapterConfig, target_names: list[str] | None = None) -> _Plan:
+        if not isinstance(config, AdapterConfig):
+            raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
+        self._check_new_name(name)
+        config.validate()
+        adapter_cls = adapter_class(config.method)
+        if target_names is None:
+            targets = find_targets(self.model, config)
+        else:
+            targets = [(n, self.model.get_submodule(n)) for n in target_names]
+        plan = _Plan(name, config)
+        for path, found in targets:
+            base = found.base_layer if isinstance(found, AdaptedLayer) else found
+            spec = layer_ops(base).spec(base)
+            adapter_cls.check_layer(spec, config, path)
+            adapter = adapter_cls(spec, config, path)
+            plan.layers.append((path, found, adapter))
+        for path, found in find_modules_to_save(self.model, config.modules_to_save):
+            plan.saved.append((path, found))
+        return plan
+
+    def _commit(self, plan: _Plan) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for path, found, adapter in plan.layers:
+            layer = found
+            if not isinstance(found, AdaptedLayer):
+                layer = AdaptedLayer(found, layer_ops(found))
+                set_submodule(self.model, path, layer)
+            layer.add(plan.name, adapter)
+        for path, found in plan.saved:
+            wrapper = found
+            if not isinstance(found, SavedModuleWrapper):
+                wrapper = SavedModuleWrapper(found)
+                set_submodule(self.model, path, wrapper)
+            wrapper.add(plan.name)
+        self.peft_config[plan.name] = plan.config
+        self._apply_active(self._active)
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Add a new (inactive) adapter; ``set_adapter`` activates it."""
+        self._commit(self._plan(adapter_name, config))
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make ``adapter_name`` (or several) the active, trainable adapter(s).
+
+        On an unmerged model this only flips flags (O(1) in the weights); on a merged
+        model it unmerges the old and merges the new adapters in place.
+        """
+        names = self._check_known(adapter_name)
+        was_merged = self.merged_adapters
+        if was_merged:
+            self.unmerge_adapter()
+        self._apply_active(names)
+        if was_merged:
+            self.merge_adapter()
+
+    def _apply_active(self, names: list[str]) -> None:
+        self._active = list(names)
+        for _, layer in adapted_layers(self.model):
+            layer.active_adapters = [n for n in names if n in layer.adapters]
+            for n, adapter in layer.adapters.items():
+                trainable = n in names and n not in self._inference_only
+                for p in adapter.parameters():
+                    p.requires_grad_(trainable)
+        for _, wrapper in saved_module_wrappers(self.model):
+            wrapper.active_copy = next((n for n in names if n in wrapper.copies), None)
+            for n, copy in wrapper.copies.items():
+                trainable = n == wrapper.active_copy and n not in self._inference_only
+                for p in copy.parameters():
+                    p.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        for _, layer in adapted_layers(self.model):
+            if adapter_name in layer.adapters:
+                layer.remove(adapter_name)
+        for _, wrapper in saved_module_wrappers(self.model):
+            wrapper.remove(adapter_name)
+        del self.peft_config[adapter_name]
+        self._inference_only.discard(adapter_name)
+        self._apply_active([n for n in self._active if n != adapter_name])
+
+    def adapter_layers(self, adapter_name: str | None = None) -> list[tuple[str, nn.Module]]:
+        """``(module path, adapter module)`` for every layer hosting ``adapter_name``."""
+        name = adapter_name or self.active_adapter
+        return [(p, layer.adapters[name]) for p, layer in adapted_layers(self.model) if name in layer.adapters]
+
+    # ================================================================= merge / disable
+    @property
+    def merged_adapters(self) -> list[str]:
+        merged: list[str] = []
+        for _, layer in adapted_layers(self.model):
+            merged.extend(n for n in layer.merged_adapters if n not in merged)
+        return merged
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Add the active adapters' ``ΔW`` into the base weights (no inference overhead)."""
+        names = self._active if adapter_names is None else self._check_known(adapter_names)
+        for _, layer in adapted_layers(self.model):
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in adapted_layers(self.model):
+            layer.unmerge()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the plain base model inside the block (merged adapters are unmerged meanwhile)."""
+        merged = self.merged_adapters
+        if merged:
+            self.unmerge_adapter()
+        modules = [m for _, m in adapted_layers(self.model)] + [m for _, m in saved_module_wrappers(self.model)]
+        for m in modules:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.disabled = False
+            if merged:
+                self.merge_adapter(merged)
+
+    def _unwrap(self, merge: bool) -> nn.Module:
+        if merge:
+            self.merge_adapter()
+        else:
+            self.unmerge_adapter()
+        for path, layer in list(adapted_layers(self.model)):
+            set_submodule(self.model, path, layer.base_layer)
+        for path, wrapper in list(saved_module_wrappers(self.model)):
+            keep = wrapper.current() if merge else wrapper.original_module
+            set_submodule(self.model, path, keep)
+        self.peft_config.clear()
+        self._active = []
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model (wrappers removed)."""
+        return self._unwrap(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters and return the original base model."""
+        return self._unwrap(merge=False)
+
+    # ================================================================= losses / counts
+    def regularization_loss(self) -> torch.Tensor:
+        """``Σ_adapters λ_a · mean over layers of the adapter's regularizer`` (fp32 scalar).
+
+        For LAVA ``λ = orth_lambda`` and the term is ``‖UᵀU − I‖²_F`` per layer.
+        """
+        total = None
+        for name in self._active:
+            weight = self.peft_config[name].regularization_weight()
+            if not weight:
+                continue
+            terms = [a.regularization() for _, a in self.adapter_layers(name)]
+            terms = [t for t in terms if t is not None]
+            if terms:
+                term = weight * torch.stack(terms).mean()
+                total = term if total is None else total + term
+        if total is None:
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+            return torch.zeros((), device=device)
+        return total
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ================================================================= state / files
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter, keyed as in the file (see docs/format.md)."""
+        name = adapter_name or self.active_adapter
+        self._check_known(name)
+        state = {}
+        for path, adapter in self.adapter_layers(name):
+            for key, value in adapter.state_dict().items():
+                state[f"{path}.{key}"] = value
+        for path, wrapper in saved_module_wrappers(self.model):
+            if name in wrapper.copies:
+                for key, value in wrapper.copies[name].state_dict().items():
+                    state[f"{path}.{SAVED_MARKER}.{key}"] = value
+        return state
+
+    def base_fingerprint(self, adapter_name: str | None = None) -> dict:
+        name = adapter_name or self.active_adapter
+        shapes = {
+            path: list(layer.base_weight.shape)
+            for path, layer in adapted_layers(self.model)
+            if name in layer.adapters
+        }
+        return fingerprint(shapes)
+
+    def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
+
+        ``adapter_name=None`` saves every adapter: ``"default"`` in ``save_directory``
+        itself, each other adapter in ``save_directory/<name>`` (the HF PEFT layout).
+        """
+        from . import __version__
+
+        if adapter_name is None:
+            names = list(self.peft_config)
+            targets = {n: Path(save_directory) if n == "default" or len(names) == 1 else Path(save_directory) / n for n in names}
+        else:
+            names = self._check_known(adapter_name)
+            targets = {n: Path(save_directory) if len(names) == 1 else Path(save_directory) / n for n in names}
+        for name, directory in targets.items():
+            if directory.exists() and not directory.is_dir():
+                raise AdapterFileError(f"{directory} exists and is not a directory; choose another save_directory")
+            config = self.peft_config[name]
+            payload = {
+                "library": "lava-peft",
+                "library_version": __version__,
+                "format_version": FORMAT_VERSION,
+                "method": config.method,
+                "config": config.to_dict(),
+                "base_model_fingerprint": self.base_fingerprint(name),
+            }
+            metadata = {"format": "pt", "library": "lava-peft", "format_version": str(FORMAT_VERSION), "method": config.method}
+            atomic_save_safetensors(self.adapter_state_dict(name), directory / WEIGHTS_NAME, metadata)
+            atomic_write_json(directory / CONFIG_NAME, payload)
+
+    def _check_fingerprint(self, fp: dict, source: str) -> list[str]:
+        modules = fp.get("modules") if isinstance(fp, dict) else None
+        if not isinstance(modules, dict) or not modules:
+            raise AdapterFileError(f"{source} has no base_model_fingerprint.modules; the file is corrupt")
+        problems = []
+        for path, shape in modules.items():
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                problems.append(f"{path}: no such module in this base model")
+                continue
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            if layer_ops(base) is None:
+                problems.append(f"{path}: is a {type(base).__name__}, not an adaptable layer")
+            elif list(base.weight.shape) != list(shape):
+                problems.append(f"{path}: weight shape {list(base.weight.shape)} here, {list(shape)} in the adapter")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+            raise IncompatibleBaseModelError(
+                f"the adapter in {source} was saved for a different base model: {shown}. "
+                "Load it into the base model it was trained on."
+            )
+        return list(modules)
+
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it)."""
+        directory = Path(model_id)
+        if not directory.is_dir():
+            raise AdapterFileError(f"adapter directory {directory} does not exist")
+        payload = read_json(directory / CONFIG_NAME)
+        config = config_from_payload(payload, str(directory / CONFIG_NAME))
+        self._check_new_name(adapter_name)
+        target_names = self._check_fingerprint(payload.get("base_model_fingerprint"), str(directory))
+        tensors = read_safetensors(directory / WEIGHTS_NAME)
+        plan = self._plan(adapter_name, config, target_names=target_names)
+        expected: dict[str, torch.Tensor] = {}
+        for path, _, adapter in plan.layers:
+            for key, value in adapter.state_dict().items():
+                expected[f"{path}.{key}"] = value
+        for path, found in plan.saved:
+            source = found.original_module if isinstance(found, SavedModuleWrapper) else found
+            for key, value in source.state_dict().items():
+                expected[f"{path}.{SAVED_MARKER}.{key}"] = value
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+        if missing or unexpected or bad_shape:
+            raise AdapterFileError(
+                f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}; the file is corrupt or was edited"
+            )
+        with torch.no_grad():
+            for path, _, adapter in plan.layers:
+                adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
+        if not is_trainable:
+            self._inference_only.add(adapter_name)
+        self._commit(plan)
+        for path, wrapper in saved_module_wrappers(self.model):
+            if adapter_name in wrapper.copies:
+                copy = wrapper.copies[adapter_name]
+                copy.load_state_dict({k: tensors[f"{path}.{SAVED_MARKER}.{k}"] for k in copy.state_dict()})
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False
+    ) -> "AdaptedModel":
+        """Base model + saved adapter directory -> AdaptedModel with that adapter active."""
+        wrapped = cls(model)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        wrapped.set_adapter(adapter_name)
+        if not is_trainable:
+            wrapped.eval()
+        return wrapped
+
+
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
+    """Freeze ``model``, add the adapter ``config`` as ``adapter_name`` and activate it."""
+    return AdaptedModel(model, config, adapter_name)
