@@ -76,6 +76,23 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with adapter wrappers in place)."""
+        return self.model
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Turn on the transformers model's checkpointing, and make its inputs require grad.
+
+        With a frozen embedding the checkpointed blocks would otherwise receive inputs
+        that do not require grad, and no gradient would reach the adapters.
+        """
+        if not hasattr(self.model, "gradient_checkpointing_enable"):
+            raise LavaError(f"{type(self.model).__name__} has no gradient_checkpointing_enable(); wrap its blocks "
+                            "with torch.utils.checkpoint yourself")
+        self.model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
     # ================================================================= forward
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is None:

@@ -118,3 +118,23 @@ def test_mobilenet_v2_lava_on_every_conv_including_depthwise(tmp_path):
     reloaded = lp.AdaptedModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(x), unmerged)
+
+
+def test_gradient_checkpointing_reaches_adapters(minilm):
+    tok, pristine = minilm
+    batch = tok(["fine", "bad"], return_tensors="pt", padding=True)
+    grads = {}
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        model = lp.adapt(copy.deepcopy(pristine), lp.LavaConfig(r=2, target_modules=["query", "value"]))
+        with torch.no_grad():
+            for _, a in model.adapter_layers():
+                a.lava_V.normal_(std=0.1)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()
+        model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6)
