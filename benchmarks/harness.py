@@ -1,16 +1,19 @@
 """Side-by-side training-step benchmark harness (one process, interleaved, repeated).
 
 A scenario is a list of :class:`Variant` objects (frozen backbone, HF PEFT, lava-peft, ...)
-that all live in the same process.  :func:`run_interleaved` times them in *rounds*: in
-each round every variant runs ``steps`` timed training steps, and the order of the
-variants rotates from round to round, so slow drifts of the machine (other processes on
-a shared CPU, GPU clocks) hit every variant alike.  Reported per variant:
+that all live in the same process.  :func:`run_interleaved` times them step by step: a
+*round* is ``steps`` passes, and in each pass every variant runs one timed training
+step, in an order that rotates from pass to pass.  So bursts of load from other
+processes on a shared CPU (or GPU clock changes) hit every variant alike, and the
+``k``-th steps of two variants, taken seconds apart, form a *pair*.  Reported per variant:
 
 * ``step_ms`` — the median over all timed steps of all rounds (``iqr_ms`` the spread);
 * ``throughput`` — ``units_per_step / median step time`` (tokens/s or images/s);
 * ``x_frozen`` / ``x_peft`` — throughput ratios to the frozen backbone / to HF PEFT
-  from the overall medians, and ``x_frozen_paired`` the median over rounds of the
-  per-round ratio (robust to load that changes between rounds);
+  from the overall medians; ``x_frozen_paired`` the median over all pairs of the
+  per-pair ratio (robust to load that changes during the run), with its range;
+* ``step_ms_p20`` — the 20th percentile of the step times (load from other processes
+  only ever adds time, so the low quantile estimates the unloaded machine);
 * ``peak_mem_gib`` — ``resident + step peak``: bytes of the variant's own parameters,
   buffers and optimizer state, plus the peak of bytes allocated *during* one training
   step above what was allocated before it.  On CUDA the step peak is
@@ -185,18 +188,20 @@ def run_interleaved(
             log(f"  {v.name} FAILED in warmup: {v.error}")
             live.remove(v)
     for rnd in range(repeats):
-        order = live[rnd % len(live):] + live[: rnd % len(live)] if live else []
-        for v in order:
-            if v.error:
-                continue
-            try:
-                ts = [timed_step(v, device) for _ in range(steps)]
-            except Exception as exc:  # noqa: BLE001
-                v.error = f"{type(exc).__name__}: {exc}"[:500]
-                log(f"  {v.name} FAILED: {v.error}")
-                continue
-            v.times.append(ts)
-            log(f"  round {rnd + 1}/{repeats} {v.name}: median {1e3 * statistics.median(ts):.1f} ms")
+        for v in live:
+            v.times.append([])
+        for k in range(steps):
+            shift = (rnd * steps + k) % max(len(live), 1)
+            for v in live[shift:] + live[:shift]:
+                if v.error:
+                    continue
+                try:
+                    v.times[rnd].append(timed_step(v, device))
+                except Exception as exc:  # noqa: BLE001
+                    v.error = f"{type(exc).__name__}: {exc}"[:500]
+                    log(f"  {v.name} FAILED: {v.error}")
+        log(f"  round {rnd + 1}/{repeats}: " + ", ".join(
+            f"{v.name} {1e3 * statistics.median(v.times[rnd]):.1f} ms" for v in live if v.times[rnd]))
     if measure_memory:
         for v in live:
             if v.error:
@@ -235,6 +240,7 @@ def summarize(variants: list[Variant], unit: str) -> list[dict]:
         row.update(
             step_ms=round(1e3 * med, 3),
             iqr_ms=round(1e3 * (_quantile(flat, 0.75) - _quantile(flat, 0.25)), 3),
+            step_ms_p20=round(1e3 * _quantile(flat, 0.2), 3),
             round_medians_ms=[round(1e3 * statistics.median(r), 3) for r in v.times],
             n_steps=len(flat),
             throughput=round(v.units_per_step / med, 2),
@@ -249,8 +255,8 @@ def summarize(variants: list[Variant], unit: str) -> list[dict]:
                 continue
             ref_med = statistics.median([t for r in ref.times for t in r])
             row[f"x_{role}"] = round(ref_med / med, 4)
-            n = min(len(ref.times), len(v.times))
-            paired = [statistics.median(ref.times[i]) / statistics.median(v.times[i]) for i in range(n)]
+            row[f"x_{role}_p20"] = round(_quantile([t for r in ref.times for t in r], 0.2) / _quantile(flat, 0.2), 4)
+            paired = [a / b for ra, rb in zip(ref.times, v.times) for a, b in zip(ra, rb)]
             row[f"x_{role}_paired"] = round(statistics.median(paired), 4)
             row[f"x_{role}_paired_range"] = [round(min(paired), 4), round(max(paired), 4)]
             if ref.peak_step_bytes is not None and v.peak_step_bytes is not None and ref.resident_bytes:
@@ -329,12 +335,13 @@ def to_markdown(result: dict) -> str:
         f"- timing: {result['timing']}",
         f"- memory: {result['memory_method']}",
         "",
-        f"| variant | step ms (median) | IQR ms | {unit} | × frozen | × frozen (paired, range) | × PEFT | peak mem GiB | mem × frozen | trainable |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| variant | step ms (median) | p20 ms | IQR ms | {unit} | × frozen | × frozen (paired, range) | × frozen (p20) "
+        "| × PEFT | peak mem MiB | mem × frozen | trainable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " |" * 11)
             continue
         pr = r.get("x_frozen_paired_range")
         paired = f"{r['x_frozen_paired']:.3f} ({pr[0]:.3f}–{pr[1]:.3f})" if pr else "—"
@@ -345,12 +352,14 @@ def to_markdown(result: dict) -> str:
         cells = [
             r["name"],
             f"{r['step_ms']:.1f}",
+            f"{r['step_ms_p20']:.1f}",
             f"{r['iqr_ms']:.1f}",
             f"{r['throughput']:,.0f}",
             f"{xf:.3f}" if xf is not None else "—",
             paired,
+            f"{r['x_frozen_p20']:.3f}" if "x_frozen_p20" in r else ("1.000" if r["role"] == "frozen" else "—"),
             f"{xp:.3f}" if xp is not None else "—",
-            f"{mem:.3f}" if mem is not None else "—",
+            f"{mem * 1024:,.1f}" if mem is not None else "—",
             f"{memx:.3f}" if memx is not None else "—",
         ]
         lines.append("| " + " | ".join(cells) + " | ")

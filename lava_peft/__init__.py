@@ -19,6 +19,12 @@ from .errors import (
 from .layers import BASE_NAME, AdaptedLayer
 from .methods import DeltaAdapter, LavaConfig, LoraConfig
 from .model import AdaptedModel, adapt
+from .train import Trainer, TrainingArguments, set_seed
+from .methods.dense_delta import DenseDeltaConfig
+from .combine import COMBINATION_TYPES, CombinationReport, FactorCodec, register_factor_codec
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from .interop import export_peft, import_peft
+from . import diagnostics
 
 __all__ = [
     "AdaptedLayer",
@@ -34,7 +40,21 @@ __all__ = [
     "LavaError",
     "LoraConfig",
     "TargetModulesError",
+    "Trainer",
+    "TrainingArguments",
     "UnsupportedLayerError",
     "adapt",
     "registered_methods",
+    "set_seed",
+    # many adapters (issue 5)
+    "COMBINATION_TYPES",
+    "CombinationReport",
+    "DenseDeltaConfig",
+    "FactorCodec",
+    "diagnostics",
+    "export_peft",
+    "hotswap_adapter",
+    "import_peft",
+    "prepare_model_for_compiled_hotswap",
+    "register_factor_codec",
 ]

@@ -149,6 +149,11 @@ SUPPORTED_LAYER_TYPES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embeddin
 
 
 # --------------------------------------------------------------------------- the wrapper
+def _wants_weight_path(adapter: nn.Module, x, layer: nn.Module) -> bool:
+    choose = getattr(adapter, "uses_weight_path_for", None)
+    return choose(x, layer) if choose is not None else adapter.uses_weight_path()
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base layer plus named adapters (``self.adapters[name]``)."""
 
@@ -162,6 +167,7 @@ class AdaptedLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.mixed_adapter_names: Sequence[str] | None = None
+        self._merge_backup: torch.Tensor | None = None  # unmerged weight, kept by merge(backup=True)
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -200,24 +206,100 @@ class AdaptedLayer(nn.Module):
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
-    def merge(self, names: Sequence[str] | None = None) -> None:
-        """Add ``ΔW`` of ``names`` (default: the active adapters) into the base weight."""
+    def merge(self, names: Sequence[str] | None = None, backup: bool = False, check: bool = True) -> None:
+        """Add ``ΔW`` of ``names`` (default: the active adapters) into the base weight, in place.
+
+        ``backup=True`` first keeps a copy of the unmerged weight, so that :meth:`unmerge`
+        restores it bit for bit (``W0 + ΔW − ΔW`` is not ``W0`` in floating point) and
+        :meth:`remerge` switches adapters in one pass (``W ← W0 + ΔW_new``).  All
+        increments are checked to be finite before the weight is touched (``check=False``: the
+        caller already did).
+        """
         names = self.active_adapters if names is None else names
-        for name in names:
-            if name in self.merged_adapters or name not in self.adapters:
-                continue
-            delta = self.delta_in_base_layout(name)
-            if not torch.isfinite(delta).all():
-                raise LavaError(f"adapter {name!r} has non-finite values; refusing to merge it into the base weight")
-            self.base_weight.data.add_(delta)
+        todo = [n for n in dict.fromkeys(names) if n in self.adapters and n not in self.merged_adapters]
+        for name in todo if check else ():
+            self._check_finite(name)
+        if backup and todo and self._merge_backup is None and not self.merged_adapters:
+            self._merge_backup = self.base_weight.detach().clone()
+        for name in todo:
+            self._add_delta_(name, 1.0)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract every merged ``ΔW`` (in reverse order of merging)."""
+    def unmerge(self, keep_backup: bool = False) -> None:
+        """Remove every merged ``ΔW``: copy back the backup if there is one (bit-exact), else
+        subtract the increments in reverse order of merging (exact up to rounding)."""
+        if self._merge_backup is not None:
+            self.base_weight.data.copy_(self._merge_backup)
+            self.merged_adapters.clear()
+            if not keep_backup:
+                self._merge_backup = None
+            return
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_weight.data.sub_(self.delta_in_base_layout(name))
+            self._add_delta_(self.merged_adapters.pop(), -1.0)
+
+    @torch.no_grad()
+    def remerge(self, names: Sequence[str], backup: bool = False, check: bool = True) -> None:
+        """Switch the merged adapters to ``names`` in place (the weight's storage is reused).
+
+        With a backup this is one fused pass ``W ← W0 + ΔW_first`` (plus one per further
+        adapter); without, ``unmerge`` then ``merge``.
+        """
+        target = [n for n in dict.fromkeys(names) if n in self.adapters]
+        if target == self.merged_adapters:
+            return
+        for name in target if check else ():
+            self._check_finite(name)
+        if self._merge_backup is not None and target:
+            self.merged_adapters.clear()
+            self._add_delta_(target[0], 1.0, source=self._merge_backup)
+            self.merged_adapters.append(target[0])
+            self.merge(target[1:], check=False)
+            return
+        self.unmerge(keep_backup=backup)
+        self.merge(target, backup=backup, check=False)
+
+    def _fused_factors(self, name: str):
+        """``(up (O,R), down (R,F))`` with the scale folded in, for a fused in-place ``addmm``; or None."""
+        weight = self.base_weight
+        if weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous():
+            return None
+        from .combine import adapter_factors  # lazy: combine imports this module
+
+        factors = adapter_factors(self.adapters[name])
+        if factors is None:
+            return None
+        flat = factors.flattened()
+        return flat.up.to(weight.dtype), flat.modes[0].to(weight.dtype)
+
+    def _check_finite(self, name: str) -> None:
+        fused = self._fused_factors(name)
+        tensors = fused if fused is not None else (self.adapters[name].delta_weight(),)
+        if not all(torch.isfinite(t).all() for t in tensors):
+            raise LavaError(f"adapter {name!r} has non-finite values; refusing to merge it into the base weight")
+
+    def _add_delta_(self, name: str, alpha: float, source: torch.Tensor | None = None) -> None:
+        """``W ← (source or W) + alpha·ΔW_name`` in place; low-rank factors go through one ``addmm``
+        (no ``ΔW`` temporary), other methods through ``delta_weight()``."""
+        weight = self.base_weight.data
+        fused = self._fused_factors(name)
+        if fused is not None:
+            up, down = fused
+            if isinstance(self.ops, (GPT2Conv1DOps, EmbeddingOps)):  # base layout is the transpose
+                mat, src, a, b = weight, source, down.T, up.T
+            else:
+                mat = weight.view(weight.shape[0], -1)
+                src, a, b = (None if source is None else source.view(source.shape[0], -1)), up, down
+            if src is None:
+                mat.addmm_(a, b, alpha=alpha)
+            else:
+                torch.addmm(src, a, b, alpha=alpha, out=mat)
+            return
+        delta = self.delta_in_base_layout(name)
+        if source is None:
+            weight.add_(delta, alpha=alpha)
+        else:
+            torch.add(source, delta, alpha=alpha, out=weight)
 
     # ------------------------------------------------------------------ forward
     def _unmerged_active(self) -> list[str]:
@@ -236,8 +318,12 @@ class AdaptedLayer(nn.Module):
         return self._forward_with(x, active)
 
     def _forward_with(self, x, names: Sequence[str]):
-        """Output of the layer with the adapters ``names`` applied (all samples)."""
-        weight_path = [n for n in names if self.adapters[n].uses_weight_path()]
+        """Output of the layer with the adapters ``names`` applied (all samples).
+
+        An adapter may pick its path per input shape (``uses_weight_path_for(x, layer)``,
+        e.g. LAVA's conv cost model); others answer ``uses_weight_path()``.
+        """
+        weight_path = [n for n in names if _wants_weight_path(self.adapters[n], x, self)]
         if weight_path:
             weight = self.base_weight
             for n in weight_path:
@@ -250,26 +336,93 @@ class AdaptedLayer(nn.Module):
                 out = self.adapters[n](x, out, self)
         return out
 
-    def _forward_mixed(self, x, names: Sequence[str]):
-        """One adapter per sample (dim 0): one pass per distinct adapter, no per-sample loop."""
+    def _forward_mixed(self, x, names):
+        """One adapter per sample (dim 0), grouped: one pass per distinct adapter, no per-sample loop.
+
+        Factored adapters: the base op runs once on every sample that does not use a
+        weight-path adapter, then each adapter adds its contribution on its rows.
+        Weight-path adapters (conv kernels): their rows run one op with ``W0 + ΔW_a``
+        (exactly what a single-adapter run does; every sample still costs one base op).
+        """
         if self.merged_adapters:
             raise LavaError("mixed-adapter batches need unmerged adapters; call model.unmerge_adapter() first")
-        if len(names) != x.shape[0]:
-            raise LavaError(
-                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
-                "give one adapter name per sample (use '__base__' for the base model)"
-            )
-        out = self.base_layer(x)
-        for name in dict.fromkeys(names):
-            if name == BASE_NAME or name not in self.adapters:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-            sub_out = self._forward_with(x.index_select(0, idx), [name])
-            out = out.index_copy(0, idx, sub_out.to(out.dtype))
+        plan = names if isinstance(names, MixedBatch) else MixedBatch(names)
+        groups = plan.groups(x.shape[0], x.device)
+        if len(groups) == 1:
+            name = groups[0][0]
+            return self._forward_with(x, [name]) if name in self.adapters else self.base_layer(x)
+        weight_path = [(n, idx) for n, idx in groups if n in self.adapters and self.adapters[n].uses_weight_path()]
+        plain = [(n, idx) for n, idx in groups if not (n in self.adapters and self.adapters[n].uses_weight_path())]
+        if not weight_path:
+            out = self.base_layer(x)
+            for name, idx in plain:
+                if name in self.adapters:
+                    sub = self.adapters[name](x.index_select(0, idx), out.index_select(0, idx), self)
+                    out = out.index_copy(0, idx, sub.to(out.dtype))
+            return out
+        pieces = []
+        if plain:
+            plain_idx = torch.cat([idx for _, idx in plain])
+            x_plain = x.index_select(0, plain_idx)
+            base = self.base_layer(x_plain)
+            start = 0
+            for name, idx in plain:
+                stop = start + idx.numel()
+                part = base[start:stop]
+                if name in self.adapters:
+                    part = self.adapters[name](x_plain[start:stop], part, self)
+                pieces.append((idx, part))
+                start = stop
+        for name, idx in weight_path:
+            pieces.append((idx, self._forward_with(x.index_select(0, idx), [name])))
+        first = pieces[0][1]
+        out = first.new_empty((x.shape[0], *first.shape[1:]))
+        for idx, part in pieces:
+            out = out.index_copy(0, idx, part.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class MixedBatch:
+    """Per-sample adapter names for one mixed-adapter forward pass, with cached row groups.
+
+    ``groups(batch, device)`` returns ``[(name, row indices)]`` once per batch size and
+    device (shared by every layer).  With ``expand=True`` (used by ``generate``) a batch
+    that is ``k`` times longer than ``names`` is read as each sample repeated ``k`` times
+    in a row (``repeat_interleave``), which is how transformers expands inputs for beam
+    search and ``num_return_sequences``.
+    """
+
+    def __init__(self, names: Sequence[str], expand: bool = False):
+        self.names = list(names)
+        self.expand = expand
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def groups(self, batch: int, device) -> list[tuple[str, torch.Tensor]]:
+        key = (int(batch), str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            n = len(self.names)
+            if batch == n:
+                rep = 1
+            elif self.expand and n and batch % n == 0:
+                rep = batch // n
+            else:
+                raise LavaError(
+                    f"adapter_names has {n} entries but the batch has {batch} samples; "
+                    f"give one adapter name per sample (use {BASE_NAME!r} for the base model)"
+                )
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                rows.setdefault(name, []).extend(range(i * rep, (i + 1) * rep))
+            hit = [(name, torch.tensor(r, dtype=torch.long, device=device)) for name, r in rows.items()]
+            self._cache[key] = hit
+        return hit
 
 
 class SavedModuleWrapper(nn.Module):
@@ -284,6 +437,7 @@ class SavedModuleWrapper(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_copy: str | None = None
         self.disabled = False
+        self.mixed_adapter_names: MixedBatch | None = None
         for p in original.parameters():
             p.requires_grad_(False)
 
@@ -315,4 +469,41 @@ class SavedModuleWrapper(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
+        if self.mixed_adapter_names is not None and not self.disabled:
+            return self._forward_mixed(self.mixed_adapter_names, args, kwargs)
         return self.current()(*args, **kwargs)
+
+    def _forward_mixed(self, plan, args, kwargs):
+        """Rows of adapter ``a`` go through ``a``'s copy (the original for others): tensors whose
+        first dimension is the batch are split by rows; the output (a tensor, or a tuple/list
+        of tensors) is reassembled in the original row order."""
+        batch = next((t.shape[0] for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.dim() > 0), None)
+        if batch is None:
+            raise LavaError("modules_to_save module in a mixed batch got no tensor input with a batch dimension")
+        groups = plan.groups(batch, next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t)).device)
+        owned = [(n, idx) for n, idx in groups if n in self.copies]
+        if not owned:
+            return self.original_module(*args, **kwargs)
+        if len(groups) == 1:
+            return self.copies[owned[0][0]](*args, **kwargs)
+
+        def rows(value, idx):
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+                return value.index_select(0, idx)
+            return value
+
+        def scatter(out, part, idx):
+            if torch.is_tensor(out):
+                return out.index_copy(0, idx, part.to(out.dtype))
+            if isinstance(out, (tuple, list)) and all(torch.is_tensor(o) for o in out):
+                return type(out)(scatter(o, p, idx) for o, p in zip(out, part))
+            raise LavaError(
+                f"modules_to_save module {type(self.original_module).__name__} returns {type(out).__name__}; "
+                "mixed-adapter batches support modules returning tensors or tuples of tensors"
+            )
+
+        out = self.original_module(*args, **kwargs)
+        for name, idx in owned:
+            part = self.copies[name](*(rows(a, idx) for a in args), **{k: rows(v, idx) for k, v in kwargs.items()})
+            out = scatter(out, part, idx)
+        return out

@@ -35,7 +35,7 @@ from .io import (
     read_json,
     read_safetensors,
 )
-from .layers import BASE_NAME, AdaptedLayer, SavedModuleWrapper, layer_ops
+from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 
 SAVED_MARKER = "__saved__"
 """Key infix of ``modules_to_save`` tensors: ``<module>.__saved__.<param>``."""
@@ -100,9 +100,21 @@ class AdaptedModel(nn.Module):
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """``model.generate`` of the wrapped transformers model; ``adapter_names`` gives one adapter
+        per input sequence (beam search / ``num_return_sequences`` expand each name with its rows)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self.mixed_batch(adapter_names, expand=True):
+            return self.model.generate(*args, **kwargs)
+
     @contextlib.contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str]):
-        """Within the block every adapted layer uses ``adapter_names[i]`` for sample ``i``."""
+    def mixed_batch(self, adapter_names: Sequence[str], expand: bool = False):
+        """Within the block every adapted layer (and ``modules_to_save`` module) uses
+        ``adapter_names[i]`` for sample ``i``; ``expand=True`` also accepts batches that repeat
+        every sample ``k`` times in a row (as ``generate`` builds them)."""
+        if isinstance(adapter_names, str):
+            raise AdapterNameError("adapter_names must be a list with one adapter name per sample, not a string")
         names = list(adapter_names)
         unknown = sorted({n for n in names if n != BASE_NAME and n not in self.peft_config})
         if unknown:
@@ -110,14 +122,20 @@ class AdaptedModel(nn.Module):
                 f"adapter_names contains unknown adapters {unknown}; known: {sorted(self.peft_config)} "
                 f"(use {BASE_NAME!r} for the base model)"
             )
-        layers = [layer for _, layer in adapted_layers(self.model)]
-        for layer in layers:
-            layer.mixed_adapter_names = names
+        if self.merged_adapters:
+            raise LavaError(
+                f"adapters {self.merged_adapters} are merged into the base weights; mixed-adapter batches need "
+                "unmerged adapters: call model.unmerge_adapter() first"
+            )
+        plan = MixedBatch(names, expand=expand)
+        modules = [m for _, m in adapted_layers(self.model)] + [m for _, m in saved_module_wrappers(self.model)]
+        for m in modules:
+            m.mixed_adapter_names = plan
         try:
             yield
         finally:
-            for layer in layers:
-                layer.mixed_adapter_names = None
+            for m in modules:
+                m.mixed_adapter_names = None
 
     # ================================================================= adapters
     @property
@@ -196,12 +214,13 @@ class AdaptedModel(nn.Module):
         model it unmerges the old and merges the new adapters in place.
         """
         names = self._check_known(adapter_name)
-        was_merged = self.merged_adapters
-        if was_merged:
-            self.unmerge_adapter()
+        if not self.merged_adapters:
+            self._apply_active(names)
+            return
+        self._check_mergeable(names)
         self._apply_active(names)
-        if was_merged:
-            self.merge_adapter()
+        for _, layer in adapted_layers(self.model):
+            layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
     def _apply_active(self, names: list[str]) -> None:
         self._active = list(names)
@@ -229,6 +248,15 @@ class AdaptedModel(nn.Module):
         self._inference_only.discard(adapter_name)
         self._apply_active([n for n in self._active if n != adapter_name])
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "linear", **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (``linear``, ``svd``, ``ties``,
+        ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
+        and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
+        from .combine import add_weighted_adapter
+
+        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
     def adapter_layers(self, adapter_name: str | None = None) -> list[tuple[str, nn.Module]]:
         """``(module path, adapter module)`` for every layer hosting ``adapter_name``."""
         name = adapter_name or self.active_adapter
@@ -242,11 +270,48 @@ class AdaptedModel(nn.Module):
             merged.extend(n for n in layer.merged_adapters if n not in merged)
         return merged
 
+    @property
+    def exact_unmerge(self) -> bool:
+        """If True, merging keeps a copy of each touched base weight so that unmerging restores it
+        bit for bit and switching adapters on a merged model is one fused pass per layer
+        (``W ← W0 + ΔW_new``). Costs one extra copy of the adapted weights. Default False: unmerge
+        subtracts ``ΔW`` (exact up to rounding, ~1 ulp of ``|W| + |ΔW|``)."""
+        return self.__dict__.get("_exact_unmerge", False)
+
+    @exact_unmerge.setter
+    def exact_unmerge(self, value: bool) -> None:
+        self.__dict__["_exact_unmerge"] = bool(value)
+
+    def _check_mergeable(self, names: Sequence[str]) -> None:
+        """Refuse non-finite increments, and weights tied to another module (e.g. GPT-2's ``wte`` and
+        ``lm_head``: merging into one would change both), before any weight is modified."""
+        owners: dict[int, list[str]] = {}
+        for mod_name, module in self.model.named_modules(remove_duplicate=False):
+            if isinstance(module, (AdaptedLayer, SavedModuleWrapper)) or ".adapters." in f".{mod_name}.":
+                continue
+            for p_name, p in module.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+        for path, layer in adapted_layers(self.model):
+            todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+            if not todo:
+                continue
+            tied = [o for o in owners.get(id(layer.base_weight), []) if not o.startswith(f"{path}.base_layer.")]
+            if tied:
+                raise LavaError(
+                    f"the weight of {path} is tied to {tied}; merging {todo} would change those too. Keep the "
+                    "adapter unmerged, or untie the weights first (e.g. clone lm_head.weight)"
+                )
+            for n in todo:
+                layer._check_finite(n)
+
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Add the active adapters' ``ΔW`` into the base weights (no inference overhead)."""
+        """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).
+
+        See :attr:`exact_unmerge` for bit-exact unmerging."""
         names = self._active if adapter_names is None else self._check_known(adapter_names)
+        self._check_mergeable(names)
         for _, layer in adapted_layers(self.model):
-            layer.merge(names)
+            layer.merge(names, backup=self.exact_unmerge, check=False)
 
     def unmerge_adapter(self) -> None:
         for _, layer in adapted_layers(self.model):
@@ -295,17 +360,37 @@ class AdaptedModel(nn.Module):
     def regularization_loss(self) -> torch.Tensor:
         """``Σ_adapters λ_a · mean over layers of the adapter's regularizer`` (fp32 scalar).
 
-        For LAVA ``λ = orth_lambda`` and the term is ``‖UᵀU − I‖²_F`` per layer.
+        For LAVA ``λ = orth_lambda`` and the term is ``‖UᵀU − I‖²_F`` per layer, computed
+        on r×r Grams in fp32, batched over layers of equal factor shape
+        (:func:`~lava_peft.methods.lava.batched_orth_penalty`).
         """
+        from .methods.lava import batched_orth_penalty
+
         total = None
         for name in self._active:
             weight = self.peft_config[name].regularization_weight()
             if not weight:
                 continue
-            terms = [a.regularization() for _, a in self.adapter_layers(name)]
-            terms = [t for t in terms if t is not None]
+            # orthogonality factors are batched over layers of equal shape (one bmm per
+            # shape, fp32); the mean over layers is (Σ of all per-layer terms) / #layers
+            terms, factors, n_layers = [], [], 0
+            for _, a in self.adapter_layers(name):
+                batchable = getattr(a, "batchable_regularization_factors", None)
+                fs = batchable() if batchable is not None else None
+                if fs is not None:
+                    factors.extend(fs)
+                    n_layers += 1
+                    continue
+                t = a.regularization()
+                if t is not None:
+                    terms.append(t.float())
+                    n_layers += 1
+            batched = batched_orth_penalty(factors) if factors else None
+            if batched is not None:
+                terms.append(batched)
             if terms:
-                term = weight * torch.stack(terms).mean()
+                summed = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+                term = weight * (summed / n_layers)
                 total = term if total is None else total + term
         if total is None:
             device = next((p.device for p in self.parameters()), torch.device("cpu"))

@@ -17,6 +17,7 @@ against this protocol (``layers.py``, ``model.py``, ``io.py``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerSpec
@@ -58,6 +59,10 @@ class DeltaAdapter(nn.Module):
         """
         return self.spec.kind == "conv" and not (self.training and isinstance(self.dropout, nn.Dropout))
 
+    def uses_weight_path_for(self, x, layer) -> bool:
+        """Like :meth:`uses_weight_path`, given the input (a method may choose per input shape)."""
+        return self.uses_weight_path()
+
     def forward(self, x, base_out, layer):
         """Generic unmerged path: ``base_out + op(dropout(x); ΔW)`` (no bias)."""
         delta = layer.ops.to_base_layout(self.delta_weight())
@@ -79,15 +84,43 @@ class DeltaAdapter(nn.Module):
         return self.r
 
 
-def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapter: "DeltaAdapter", dtype: torch.dtype):
-    """Factored low-rank path shared by LoRA and LAVA (``ΔW = s·up·down``).
+def _dropout_active(adapter: "DeltaAdapter") -> bool:
+    return isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.training and adapter.dropout.p > 0
 
-    ``down`` is ``(r, I)``, ``up`` is ``(O, r)``.  Linear: ``s·(dropout(x) downᵀ) upᵀ``;
-    Embedding: ``s·(row x of downᵀ) upᵀ``.  The small factors are cast to the
-    activation dtype ``dtype``; the activations are never cast.
+
+def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapter: "DeltaAdapter", dtype: torch.dtype,
+                    base_out: torch.Tensor | None = None):
+    """Factored low-rank path shared by LoRA and LAVA (``ΔW = s·up·down``), never materialising ``ΔW``.
+
+    ``down`` is ``(r, I)``, ``up`` is ``(O, r)``.  With ``h`` the rank-``r`` hidden state
+
+    * Linear:    ``h = dropout(x) downᵀ``  (dropout skipped, not called, when inactive);
+    * Embedding: ``h = (row x of downᵀ)``;
+
+    the result is ``base_out + h (s·up)ᵀ``: the scale is folded into the ``O×r`` factor
+    (``s·up`` costs ``O·r`` multiplies instead of ``N·O`` on the activations) and the
+    product is accumulated into the base output by one ``addmm`` (GEMM with β = 1), in
+    place when ``base_out`` is contiguous — ``base_out`` is the fresh output of the base
+    op, which its backward does not save, so the in-place update is autograd-safe and
+    saves one ``N×O`` temporary plus the separate add and scale passes (forward and
+    backward).  The fp32 factors are cast once per forward to the activation dtype
+    ``dtype``; the activations are never cast.  Without ``base_out`` the contribution
+    ``h (s·up)ᵀ`` alone is returned.
+
+    LoRA and LAVA (λ = 0) both call exactly this, so with equal factors they agree bit
+    for bit.
     """
     if adapter.spec.kind == "embedding":
-        hidden = torch.nn.functional.embedding(x, down.T.to(dtype), padding_idx=adapter.spec.padding_idx)
+        hidden = F.embedding(x, down.T.to(dtype), padding_idx=adapter.spec.padding_idx)
     else:
-        hidden = torch.nn.functional.linear(adapter.dropout(x), down.to(dtype))
-    return torch.nn.functional.linear(hidden, up.to(dtype)) * scale
+        x_in = adapter.dropout(x) if _dropout_active(adapter) else x
+        hidden = F.linear(x_in, down.to(dtype))
+    up_s = (up * scale).to(dtype)
+    if base_out is None:
+        return F.linear(hidden, up_s)
+    out_dim = up_s.shape[0]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if base_out.is_contiguous() and base_out.dtype == h2.dtype:
+        base_out.view(-1, out_dim).addmm_(h2, up_s.T)
+        return base_out
+    return torch.addmm(base_out.reshape(-1, out_dim), h2.to(base_out.dtype), up_s.T.to(base_out.dtype)).view(base_out.shape)

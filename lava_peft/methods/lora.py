@@ -62,7 +62,7 @@ class LoraAdapter(DeltaAdapter):
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":
             return super().forward(x, base_out, layer)
-        return base_out + lowrank_forward(x, self.lora_A, self.lora_B, self.scale, self, base_out.dtype)
+        return lowrank_forward(x, self.lora_A, self.lora_B, self.scale, self, base_out.dtype, base_out)
 
 
 register_method("lora", LoraConfig, LoraAdapter)

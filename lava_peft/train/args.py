@@ -37,10 +37,14 @@ class TrainingArguments:
         eval_every: evaluate every N optimizer steps (``None``: at the end of every epoch).
         save_every: write a resumable checkpoint every N steps (``None``: only at the
             end of each epoch; 0: never).
+        save_final: write the final adapter (or trainable weights) to ``output_dir/adapter``.
+        eval_at_start: evaluate once before the first step (the zero-shot baseline, logged at step 0).
         save_best: keep the adapter with the best ``metric`` in ``output_dir/best``.
         metric / greater_is_better: what "best" means (``"accuracy"`` or ``"loss"``).
         freeze_batchnorm: keep BatchNorm running statistics fixed while training
             (BatchNorm layers run in eval mode); default True.
+        group_by_length: batch token sequences of similar length together (less padding,
+            faster on CPU; the order stays random and reproducible).
         seed: seeds Python, NumPy and torch, and the data order.
         resume_from: a checkpoint directory, a run directory (its latest checkpoint)
             or ``"auto"`` (the latest checkpoint in ``output_dir`` if there is one).
@@ -64,9 +68,12 @@ class TrainingArguments:
     eval_every: int | None = None
     save_every: int | None = None
     save_best: bool = True
+    save_final: bool = True
+    eval_at_start: bool = False
     metric: str = "accuracy"
     greater_is_better: bool | None = None
     freeze_batchnorm: bool = True
+    group_by_length: bool = False
     seed: int = 0
     log_every: int = 10
     progress: bool = True

@@ -82,10 +82,34 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v[:, :keep] if v.dim() == 2 and v.shape[1] == seq and k != "labels" else v) for k, v in batch.items()}
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+def epoch_order(n: int, seed: int, epoch: int, lengths: torch.Tensor | None = None, global_batch: int = 1,
+                chunk_batches: int = 32) -> torch.Tensor:
+    """Sample order of ``epoch``: a seeded permutation.  With ``lengths`` (group by length),
+    every run of ``chunk_batches`` global batches is sorted by length and the batches are then
+    shuffled, so a batch holds samples of similar length (less padding) yet the order stays
+    random and deterministic."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    if lengths is None or global_batch <= 1:
+        return order
+    chunk = global_batch * chunk_batches
+    pieces = []
+    for start in range(0, n, chunk):
+        part = order[start : start + chunk]
+        pieces.append(part[torch.argsort(lengths[part], descending=True, stable=True)])
+    order = torch.cat(pieces)
+    full = n // global_batch
+    batches = order[: full * global_batch].view(full, global_batch)
+    batches = batches[torch.randperm(full, generator=gen)]
+    return torch.cat([batches.reshape(-1), order[full * global_batch :]])
+
+
+def sample_lengths(data: "IndexedData") -> torch.Tensor | None:
+    """Token counts (``attention_mask`` sums) of tensor data, else None."""
+    if data.tensors is None or "attention_mask" not in data.tensors:
+        return None
+    mask = data.tensors["attention_mask"]
+    return mask.sum(1) if mask.dim() == 2 else None
 
 
 def global_steps(n: int, global_batch: int, accum: int, world: int) -> int:

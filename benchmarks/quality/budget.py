@@ -1,0 +1,49 @@
+"""Trainable-parameter counts per method, and the LAVA rank that matches a LoRA budget."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from lava_peft.inject import find_targets
+from lava_peft.layers import layer_ops
+from lava_peft.methods.lava import LavaAdapter
+
+
+def _specs(model: nn.Module, config) -> list[tuple[str, object]]:
+    return [(name, layer_ops(m).spec(m)) for name, m in find_targets(model, config)]
+
+
+def lora_params(spec, r: int) -> int:
+    return min(r, _lora_limit(spec)) * (spec.in_dim * math.prod(spec.kernel_size) + spec.out_dim)
+
+
+def _lora_limit(spec) -> int:
+    return min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
+
+
+def lava_params(spec, r: int) -> int:
+    return min(r, LavaAdapter.max_rank_for(spec)) * (spec.out_dim + spec.in_dim + sum(spec.kernel_size))
+
+
+def rank_caps(specs, r: int, limit_fn) -> dict[str, int]:
+    """``rank_pattern`` entries for layers whose rank limit is below ``r`` (exact module names)."""
+    return {name: limit_fn(spec) for name, spec in specs if limit_fn(spec) < r}
+
+
+def lora_budget(model, config) -> int:
+    return sum(lora_params(s, config.r) for _, s in _specs(model, config))
+
+
+def matching_lava_rank(model, config, budget: int, r_max: int = 512) -> tuple[int, int]:
+    """The LAVA rank whose adapter parameter count is closest to ``budget`` (ranks capped per layer)."""
+    specs = _specs(model, config)
+    best = None
+    for r in range(1, r_max + 1):
+        n = sum(lava_params(s, r) for _, s in specs)
+        if best is None or abs(n - budget) < abs(best[1] - budget):
+            best = (r, n)
+        if n > budget * 1.5:
+            break
+    return best

