@@ -348,7 +348,7 @@ def to_markdown(result: dict) -> str:
         xf = r.get("x_frozen", 1.0 if r["role"] == "frozen" else None)
         xp = r.get("x_peft", 1.0 if r["role"] == "peft" else None)
         mem = r.get("peak_mem_gib")
-        memx = r.get("mem_x_frozen", 1.0 if r["role"] == "frozen" else None)
+        memx = r.get("mem_x_frozen", 1.0 if r["role"] == "frozen" and mem is not None else None)
         cells = [
             r["name"],
             f"{r['step_ms']:.1f}",

@@ -86,12 +86,19 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
     modes = ["eager"] + (["compiled"] if getattr(args, "compile", False) else [])
     for mode in modes:
         suffix = "" if mode == "eager" else "+compile"
-        for kind in ("frozen", "peft-lora", "lava-lora", "lava"):
+        kinds = ["frozen", "peft-lora", "lava-lora", "lava"]
+        if mode == "eager" and getattr(args, "ablation", False):
+            from .ablation import STAGES
+
+            kinds += [f"lava[{stage}]" for stage in STAGES]
+        for kind in kinds:
             name = kind + suffix
             if not _want(args, name):
                 continue
             torch.manual_seed(0)
-            model = build().to(device=device, dtype=dtype)
+            model = build()
+            if dtype is not None:  # None: build() placed it already (quantized bases)
+                model = model.to(device=device, dtype=dtype)
             reg_model = None
             if kind == "frozen":
                 model = _freeze_with_input_grad(model)
@@ -108,15 +115,27 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
                 reg_model = model
                 role = "lava"
                 notes = f"lava_peft LavaConfig(r={r}, alpha={alpha}, orth_lambda={args.orth_lambda}); loss includes the orth term"
+                if kind.startswith("lava["):
+                    from .ablation import apply_stage
+
+                    stage = kind[5:-1]
+                    apply_stage(model, stage)
+                    role, notes = "other", f"ablation: library LAVA with the linear path at stage {stage!r}, per-layer orth loop"
             model.train()
             if mode == "compiled" and layers_of is not None:
                 _compile_layers(model, layers_of(model))
             elif mode == "compiled":
                 model = torch.compile(model)
 
-            def step(batch, model=model, reg_model=reg_model):
+            per_layer_reg = kind.startswith("lava[")
+
+            def step(batch, model=model, reg_model=reg_model, per_layer_reg=per_layer_reg):
                 loss = loss_of(model(**batch))
-                if reg_model is not None:
+                if per_layer_reg:
+                    from .ablation import per_layer_regularization
+
+                    loss = loss + per_layer_regularization(reg_model)
+                elif reg_model is not None:
                     loss = loss + reg_model.regularization_loss()
                 return loss
 
@@ -205,8 +224,8 @@ def llm(args, device) -> Scenario:
             quantize_linears(model, quant, targets=targets)
             return model
 
-    variants = _text_variants(args, device, build, targets, targets, r, 2 * r, make_batch, B * T, torch.bfloat16,
-                              layers_of=lambda m: _find_layers(m, "model.layers"))
+    variants = _text_variants(args, device, build, targets, targets, r, 2 * r, make_batch, B * T,
+                              None if quant else torch.bfloat16, layers_of=lambda m: _find_layers(m, "model.layers"))
     setup = (f"Llama {cfg.num_hidden_layers}L h{cfg.hidden_size} ffn{cfg.intermediate_size} heads "
              f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} vocab {cfg.vocab_size} (TinyLlama shape at full size), "
              f"random init, bf16 weights, batch {B}x{T}, causal-LM loss, AdamW; targets q,k,v,o,gate,up,down; r={r}, "

@@ -131,16 +131,16 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
             pm.set_adapter(target)
             pm.merge_adapter()
 
-        for i in range(repeats):
-            target = "B" if i % 2 == 0 else "A"
+        for _ in range(repeats):
+            target = "B" if om.active_adapter == "A" else "A"
             rec("switch|peft", timed(lambda: peft_switch(target)))
             rec("switch|ours", timed(lambda: om.set_adapter(target)))
         # exact mode: re-merge keeping a backup of W0, then time the same switches
         om.unmerge_adapter()
         om.exact_unmerge = True
         om.merge_adapter()
-        for i in range(repeats):
-            target = "A" if i % 2 == 0 else "B"  # the model holds B after an even number of switches
+        for _ in range(repeats):
+            target = "B" if om.active_adapter == "A" else "A"
             rec("switch|peft", timed(lambda: peft_switch(target)))
             rec("switch|ours exact_unmerge", timed(lambda: om.set_adapter(target)))
         om.unmerge_adapter()
@@ -181,6 +181,7 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
     ops = ["set_adapter (unmerged)", "switch", "load+merge"]
     for op in ops:
         peft_t = statistics.median(times[f"{op}|peft"])
+        peft_min = min(times[f"{op}|peft"])
         for key, ts in times.items():
             o, who = key.split("|")
             if o != op:
@@ -190,6 +191,7 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
                 "model": model_name, "method": method, "rank": rank, "operation": op, "variant": who,
                 "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "n": len(ts),
                 "x_peft": med / peft_t if who != "peft" else 1.0,
+                "x_peft_min": min(ts) / peft_min if who != "peft" else 1.0,
             })
     n_lin = sum(1 for _, m in om.named_modules() if isinstance(m, lp.AdaptedLayer))
     adapted_bytes = sum(m.base_weight.numel() * m.base_weight.element_size()
@@ -216,7 +218,9 @@ def to_markdown(result: dict) -> str:
         f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
         "- method: both libraries hold the same adapter tensors (ours exported with `lp.export_peft`); "
         "operations alternate between the two model copies; median of the repeats (min in brackets). "
-        "`× PEFT` = our median / PEFT's median (lower is better; target ≤ 0.5 for switch and load+merge).",
+        "`× PEFT` = our median / PEFT's median, `× PEFT (min)` = our fastest / PEFT's fastest (load from other "
+        "processes only adds time, so the minimum estimates the unloaded machine); lower is better, target ≤ 0.5 "
+        "for switch and load+merge.",
         "",
     ]
     for info in result["models"]:
@@ -225,11 +229,12 @@ def to_markdown(result: dict) -> str:
             f"{info['adapted_layers']} adapted layers ({info['adapted_weight_mib']:.0f} MiB of fp32 weights); "
             f"max |output ours − PEFT| with the same adapter merged: {info['max_abs_output_diff_ours_vs_peft']:.2e}"
         )
-    lines += ["", "| model | adapter | operation | variant | median ms (min) | × PEFT |", "|---|---|---|---|---:|---:|"]
+    lines += ["", "| model | adapter | operation | variant | n | median ms (min) | × PEFT | × PEFT (min) |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['method']} r={r['rank']} | {r['operation']} | {r['variant']} | "
-            f"{r['median_ms']:.2f} ({r['min_ms']:.2f}) | {r['x_peft']:.2f} |"
+            f"| {r['model']} | {r['method']} r={r['rank']} | {r['operation']} | {r['variant']} | {r['n']} | "
+            f"{r['median_ms']:.2f} ({r['min_ms']:.2f}) | {r['x_peft']:.2f} | {r['x_peft_min']:.2f} |"
         )
     lines += ["", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -240,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="minilm,llama", help="comma list of minilm, llama")
     ap.add_argument("--methods", default="lora,lava")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=10, help="repeats per operation (MiniLM)")
+    ap.add_argument("--repeats", type=int, default=30, help="repeats per operation (MiniLM)")
     ap.add_argument("--llama-repeats", type=int, default=4, help="repeats per operation (Llama)")
     ap.add_argument("--llama-layers", type=int, default=22, help="22 = TinyLlama 1.1B shape")
     ap.add_argument("--threads", type=int, default=None,
@@ -265,8 +270,8 @@ def main(argv=None) -> int:
                 infos.append(info)
                 print(json.dumps(info), flush=True)
                 for row in r:
-                    print(f"  {row['operation']:24s} {row['variant']:20s} {row['median_ms']:10.2f} ms  x{row['x_peft']:.2f}",
-                          flush=True)
+                    print(f"  {row['operation']:24s} {row['variant']:20s} {row['median_ms']:10.2f} ms  x{row['x_peft']:.2f}"
+                          f"  (min x{row['x_peft_min']:.2f})", flush=True)
     if hasattr(os, "getloadavg"):
         env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     notes = []

@@ -35,6 +35,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run directory (a previous demo run there is replaced)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
+    ap.add_argument("--n-train", type=int, default=N_TRAIN, help=f"training snippets (default {N_TRAIN})")
+    ap.add_argument("--lr", type=float, default=LR, help=f"adapter learning rate (default {LR})")
+    ap.add_argument("--head-lr", type=float, default=HEAD_LR, help=f"classifier-head learning rate (default {HEAD_LR})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+    ap.add_argument("--rank", type=int, default=RANK, help=f"LAVA rank (default {RANK})")
+    ap.add_argument("--alpha", type=float, default=ALPHA, help=f"LAVA alpha; scale = alpha/rank (default {ALPHA})")
+    ap.add_argument("--targets", default=",".join(TARGETS), help=f"modules to adapt (default {','.join(TARGETS)})")
     ns = ap.parse_args()
 
     import torch
@@ -50,21 +58,23 @@ def main() -> int:
 
     print(f"lava-peft {lp.__version__} demo: LAVA on MiniLM-L6, Rotten Tomatoes sentiment "
           f"(torch {torch.__version__}, {threads} CPU thread(s): {why})\n", flush=True)
-    set_seed(0)
-    task = build_task("minilm", "rotten_tomatoes", n_train=N_TRAIN, n_eval=N_EVAL, seed=0, max_len=MAX_LEN)
-    print(f"data:  {N_TRAIN} training / {N_EVAL} held-out review snippets (split by movie; label 1 = fresh, 0 = rotten)")
-    config = lp.LavaConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS, modules_to_save=["classifier"],
+    set_seed(ns.seed)
+    task = build_task("minilm", "rotten_tomatoes", n_train=ns.n_train, n_eval=N_EVAL, seed=0, max_len=MAX_LEN,
+                      dropout=ns.dropout)
+    print(f"data:  {ns.n_train} training / {N_EVAL} held-out review snippets (split by movie; label 1 = fresh, 0 = rotten)")
+    targets = ns.targets if ns.targets in ("all-linear", "all") else ns.targets.split(",")
+    config = lp.LavaConfig(r=ns.rank, alpha=ns.alpha, target_modules=targets, modules_to_save=["classifier"],
                            orth_lambda=ORTH_LAMBDA)
     model = lp.adapt(task.model, config)
     print(f"model: {task.model_path}\n       ", end="")
     model.print_trainable_parameters()
-    print(f"       LAVA r={RANK} on {len(model.adapter_layers())} attention projections "
-          f"({', '.join(TARGETS)}) + the new classifier head; orth_lambda={ORTH_LAMBDA}\n", flush=True)
+    print(f"       LAVA r={ns.rank} on {len(model.adapter_layers())} attention projections "
+          f"({', '.join(targets)}) + the new classifier head; orth_lambda={ORTH_LAMBDA}\n", flush=True)
 
     args = TrainingArguments(
-        output_dir=ns.out, overwrite=True, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, head_lr=HEAD_LR,
+        output_dir=ns.out, overwrite=True, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=ns.lr, head_lr=ns.head_lr,
         schedule="linear", warmup_ratio=0.06, eval_every=None, save_every=0, eval_at_start=True,
-        group_by_length=True, log_every=5, seed=0,
+        group_by_length=True, log_every=5, seed=ns.seed,
     )
     trainer = Trainer(model, args, task.train, task.eval)
     summary = trainer.train()

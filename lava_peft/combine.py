@@ -235,10 +235,16 @@ def factor_codec(method: str) -> FactorCodec | None:
 
 def method_of(adapter) -> str | None:
     """The registered method name of an adapter instance."""
-    for method in registered_methods():
-        if type(adapter) is adapter_class(method):
-            return method
-    return None
+    cls = type(adapter)
+    method = _METHOD_OF_TYPE.get(cls)
+    if method is None:
+        method = next((m for m in registered_methods() if adapter_class(m) is cls), None)
+        if method is not None:
+            _METHOD_OF_TYPE[cls] = method
+    return method
+
+
+_METHOD_OF_TYPE: dict[type, str] = {}
 
 
 def adapter_factors(adapter) -> Factors | None:

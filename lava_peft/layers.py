@@ -242,15 +242,28 @@ class AdaptedLayer(nn.Module):
     def remerge(self, names: Sequence[str], backup: bool = False, check: bool = True) -> None:
         """Switch the merged adapters to ``names`` in place (the weight's storage is reused).
 
-        With a backup this is one fused pass ``W ← W0 + ΔW_first`` (plus one per further
-        adapter); without, ``unmerge`` then ``merge``.
+        When every adapter involved has low-rank factors this is *one* GEMM per layer:
+        ``W ← W + [s_b B_b | −s_a B_a] [A_b; A_a]`` (without a backup) or
+        ``W ← W0 + [s_b B_b] [A_b]`` (from the backup) — the weight is read and written
+        once.  Otherwise ``unmerge`` then ``merge``.
         """
         target = [n for n in dict.fromkeys(names) if n in self.adapters]
         if target == self.merged_adapters:
             return
         for name in target if check else ():
             self._check_finite(name)
-        if self._merge_backup is not None and target:
+        has_backup = self._merge_backup is not None
+        parts = [(n, 1.0) for n in target]
+        if not has_backup:
+            parts = [(n, -1.0) for n in reversed(self.merged_adapters)] + parts
+        fused = [self._fused_factors(n) for n, _ in parts] if parts else []
+        if (has_backup or not backup) and parts and all(f is not None for f in fused):
+            up = torch.cat([f[0] * sign if sign != 1.0 else f[0] for f, (_, sign) in zip(fused, parts)], dim=1)
+            down = torch.cat([f[1] for f in fused], dim=0)
+            self._addmm_factors_(up, down, 1.0, self._merge_backup)
+            self.merged_adapters[:] = target
+            return
+        if has_backup and target:
             self.merged_adapters.clear()
             self._add_delta_(target[0], 1.0, source=self._merge_backup)
             self.merged_adapters.append(target[0])
@@ -284,22 +297,26 @@ class AdaptedLayer(nn.Module):
         weight = self.base_weight.data
         fused = self._fused_factors(name)
         if fused is not None:
-            up, down = fused
-            if isinstance(self.ops, (GPT2Conv1DOps, EmbeddingOps)):  # base layout is the transpose
-                mat, src, a, b = weight, source, down.T, up.T
-            else:
-                mat = weight.view(weight.shape[0], -1)
-                src, a, b = (None if source is None else source.view(source.shape[0], -1)), up, down
-            if src is None:
-                mat.addmm_(a, b, alpha=alpha)
-            else:
-                torch.addmm(src, a, b, alpha=alpha, out=mat)
+            self._addmm_factors_(fused[0], fused[1], alpha, source)
             return
         delta = self.delta_in_base_layout(name)
         if source is None:
             weight.add_(delta, alpha=alpha)
         else:
             torch.add(source, delta, alpha=alpha, out=weight)
+
+    def _addmm_factors_(self, up: torch.Tensor, down: torch.Tensor, alpha: float, source: torch.Tensor | None) -> None:
+        """``W ← (source or W) + alpha·up@down`` (canonical ``O × F``) as one in-place GEMM."""
+        weight = self.base_weight.data
+        if isinstance(self.ops, (GPT2Conv1DOps, EmbeddingOps)):  # base layout is the transpose
+            mat, src, a, b = weight, source, down.T, up.T
+        else:
+            mat = weight.view(weight.shape[0], -1)
+            src, a, b = (None if source is None else source.view(source.shape[0], -1)), up, down
+        if src is None:
+            mat.addmm_(a, b, alpha=alpha)
+        else:
+            torch.addmm(src, a, b, alpha=alpha, out=mat)
 
     # ------------------------------------------------------------------ forward
     def _unmerged_active(self) -> list[str]:

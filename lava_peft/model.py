@@ -214,12 +214,13 @@ class AdaptedModel(nn.Module):
         model it unmerges the old and merges the new adapters in place.
         """
         names = self._check_known(adapter_name)
-        if not self.merged_adapters:
+        layers = [layer for _, layer in adapted_layers(self.model)]
+        if not any(layer.merged_adapters for layer in layers):
             self._apply_active(names)
             return
         self._check_mergeable(names)
         self._apply_active(names)
-        for _, layer in adapted_layers(self.model):
+        for layer in layers:
             layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
     def _apply_active(self, names: list[str]) -> None:
@@ -286,11 +287,9 @@ class AdaptedModel(nn.Module):
         """Refuse non-finite increments, and weights tied to another module (e.g. GPT-2's ``wte`` and
         ``lm_head``: merging into one would change both), before any weight is modified."""
         owners: dict[int, list[str]] = {}
-        for mod_name, module in self.model.named_modules(remove_duplicate=False):
-            if isinstance(module, (AdaptedLayer, SavedModuleWrapper)) or ".adapters." in f".{mod_name}.":
-                continue
-            for p_name, p in module.named_parameters(recurse=False):
-                owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+        for p_name, p in self.model.named_parameters(remove_duplicate=False):
+            if ".adapters." not in p_name and ".copies." not in p_name:
+                owners.setdefault(id(p), []).append(p_name)
         for path, layer in adapted_layers(self.model):
             todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
             if not todo:

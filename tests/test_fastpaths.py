@@ -380,14 +380,16 @@ def test_batched_orth_term_equals_per_layer_computation():
         adapters = [a for _, a in model.adapter_layers("default")]
         ref = 0.3 * torch.stack([a.regularization() for a in adapters]).mean()
         ref.backward()
-        g_ref = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        g_ref = [None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad]
         for p in model.parameters():
             p.grad = None
         got = model.regularization_loss()
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
         got.backward()
         for a, b in zip([p.grad for p in model.parameters() if p.requires_grad], g_ref):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_batched_orth_penalty_groups_by_shape_and_handles_wide_factors():
@@ -433,7 +435,8 @@ def test_quantized_base_runs_factored_path(scheme):
     base_out = layer.base_layer(x)
     y = layer(x)
     ref = base_out.float() + a.scale * (x.float() @ a.lava_V.T) @ a.lava_U.T
-    torch.testing.assert_close(y.float(), ref, **BF16)
+    # bf16 tolerance relative to the output's magnitude (the adapter term is large here)
+    torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=3e-2)
     model(x).float().sum().backward()
     assert a.lava_U.grad is not None and a.lava_U.grad.dtype == torch.float32
 

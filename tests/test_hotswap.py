@@ -82,6 +82,8 @@ def test_hotswapped_model_saves_and_reloads_identically(tmp_path):
     first = _save(tmp_path, "a", lp.LavaConfig(r=3, target_modules=["conv", "fc"]), 1)
     second = _save(tmp_path, "b", lp.LavaConfig(r=2, alpha=5, target_modules=["conv", "fc"], orth_lambda=0.3), 2)
     model = _fresh(first)
+    lp.prepare_model_for_compiled_hotswap(model, target_rank=4)
+    assert model.model.conv.adapters["default"].lava_U.shape == (6, 4)
     lp.hotswap_adapter(model, second, "default")
     assert model.peft_config["default"].orth_lambda == 0.3  # non-shape fields come from the new file
     model.save_pretrained(str(tmp_path / "again"))
@@ -145,3 +147,20 @@ def test_lora_file_can_be_hotswapped_into_a_linear_lava_adapter(tmp_path):
     lp.hotswap_adapter(model, lora)
     with torch.no_grad():
         torch.testing.assert_close(model(X), _fresh(lora)(X), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_delta_adapters_hotswap_by_plain_copy(tmp_path):
+    def ties_dir(seed):
+        model = lp.adapt(_net(), lp.LoraConfig(r=2, target_modules=["fc", "head"]), "a")
+        model.add_adapter("b", lp.LoraConfig(r=2, target_modules=["fc", "head"]))
+        randomize_adapters(model, seed)
+        model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties", density=0.5)
+        model.save_pretrained(str(tmp_path / f"t{seed}"), adapter_name="t")
+        return str(tmp_path / f"t{seed}")
+
+    first, second = ties_dir(1), ties_dir(2)
+    model = _fresh(first)
+    assert model.peft_config["default"].method == "dense_delta"
+    lp.hotswap_adapter(model, second)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), _fresh(second)(X), rtol=0, atol=0)

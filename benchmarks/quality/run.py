@@ -208,6 +208,25 @@ def write_report(out: Path, runs: list[dict], meta: dict) -> Path:
     return path
 
 
+NOTES = [
+    "## How the budgets are matched",
+    "",
+    "- LoRA: rank 8 on every target, alpha = 2r (scale 2); on a conv it flattens the kernel: "
+    "r·(I/groups·k·k + O) parameters per layer (rank capped at the layer's limit where smaller).",
+    "- LAVA: linear layers r·(O + I), the same count as LoRA at the same rank; conv kernels keep their 4-way "
+    "shape (CP): r·(O + I/groups + k + k). The LAVA rank is the one whose total adapter count is closest to "
+    "LoRA's (per-layer ranks capped at the CP bound ∏dims/max dim, e.g. VGG conv1_1 (64,3,3,3) at 27); alpha = 2r.",
+    "- LAVA init: U orthonormal columns, V = 0, spatial factors N(0, 1/k); the regularizer acts on U "
+    "(λ·mean over layers of ‖UᵀU − I‖²). λ = 0 is the same model trained without the regularizer.",
+    "- Head only: only the new classification head trains. Full fine-tuning: every weight, BatchNorm affine "
+    "parameters included (BatchNorm running statistics stay frozen in every run: BN layers in eval mode).",
+    "- One lr per method family (no per-method sweep): accuracy is the held-out accuracy after the last epoch "
+    "(not the best epoch). The data subset is the same for all seeds (split seed 0); the seed changes the "
+    "adapter/head initialisation and the batch order.",
+    "",
+]
+
+
 def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, torch threads "
@@ -226,6 +245,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, help="override the image size of the vision suites")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--progress", action="store_true", help="show per-run progress bars")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite quality.md from the recorded runs (with --command: the command that ran them)")
+    ap.add_argument("--command", help="with --report-only: the command line to show in the report")
+    ap.add_argument("--machine", help="with --report-only: the machine description to show in the report")
     ns = ap.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -250,7 +273,17 @@ def main(argv=None) -> int:
         "command": "python -m benchmarks.quality.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "versions": f"lava-peft {lp.__version__}, torch {torch.__version__}, Python {platform.python_version()}",
+        "notes": NOTES,
     }
+    if ns.report_only:
+        runs = load_runs(runs_path)
+        total = sum(r["wall_seconds"] for r in runs)
+        meta["wall"] = f"{total / 60:.1f} min summed over the {len(runs)} recorded runs"
+        if ns.command:
+            meta["command"] = ns.command
+        meta["machine"] = ns.machine or f"{platform.machine()}, {os.cpu_count()} CPU cores visible"
+        print(f"wrote {write_report(out, runs, meta)}")
+        return 0
     t0 = time.perf_counter()
     plan = [(s, m, seed) for seed in seeds for s in suites for m in s.methods]
     for i, (suite, method, seed) in enumerate(plan, 1):

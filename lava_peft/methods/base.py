@@ -115,12 +115,14 @@ def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapt
     else:
         x_in = adapter.dropout(x) if _dropout_active(adapter) else x
         hidden = F.linear(x_in, down.to(dtype))
-    up_s = (up * scale).to(dtype)
+    # (s·up)ᵀ as a contiguous (r, O) matrix: the backward then computes ∂h = ∂y·(s·up) with a
+    # column-major right operand, which CPU BLAS runs ~2x faster for r ≪ O than a row-major one
+    up_t = (up * scale).T.contiguous().to(dtype)
     if base_out is None:
-        return F.linear(hidden, up_s)
-    out_dim = up_s.shape[0]
+        return hidden @ up_t
+    out_dim = up_t.shape[1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if base_out.is_contiguous() and base_out.dtype == h2.dtype:
-        base_out.view(-1, out_dim).addmm_(h2, up_s.T)
+        base_out.view(-1, out_dim).addmm_(h2, up_t)
         return base_out
-    return torch.addmm(base_out.reshape(-1, out_dim), h2.to(base_out.dtype), up_s.T.to(base_out.dtype)).view(base_out.shape)
+    return torch.addmm(base_out.reshape(-1, out_dim), h2.to(base_out.dtype), up_t.to(base_out.dtype)).view(base_out.shape)

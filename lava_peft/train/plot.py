@@ -47,8 +47,13 @@ def plot_metrics(source: str | os.PathLike, out: str | os.PathLike | None = None
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     ev_acc = [r for r in evals if r.get("accuracy") is not None]
+    tr_acc = [r for r in train if r.get("accuracy") is not None]
+    if tr_acc:
+        ax_acc.plot([r["step"] for r in tr_acc], [100 * r["accuracy"] for r in tr_acc], color="C0", lw=1.0, alpha=0.6,
+                    label="train accuracy (batches)")
     if ev_acc:
         ax_acc.plot([r["step"] for r in ev_acc], [100 * r["accuracy"] for r in ev_acc], "o-", color="C2", label="eval accuracy")
+    if ev_acc or tr_acc:
         ax_acc.legend()
     else:
         ax_acc.text(0.5, 0.5, "no accuracy recorded", ha="center", va="center", transform=ax_acc.transAxes)

@@ -87,8 +87,10 @@ def minilm_path() -> str:
     return os.path.join(root, "model")
 
 
-def load_text_model(model: str, num_labels: int):
-    """(model, tokenizer, path) for ``minilm`` or a Hugging Face directory."""
+def load_text_model(model: str, num_labels: int, dropout: float | None = None):
+    """(model, tokenizer, path) for ``minilm`` or a Hugging Face directory.
+
+    ``dropout`` overrides the BERT-style ``hidden_dropout_prob`` / ``attention_probs_dropout_prob``."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -98,7 +100,8 @@ def load_text_model(model: str, num_labels: int):
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected
     transformers.utils.logging.disable_progress_bar()
     try:
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
@@ -180,7 +183,7 @@ def check_data_installed(data: str) -> None:
 
 
 def build_task(model: str, data: str, n_train: int | None = None, n_eval: int | None = None, seed: int = 0,
-               max_len: int = 64, image_size: int = 64) -> Task:
+               max_len: int = 64, image_size: int = 64, dropout: float | None = None) -> Task:
     """Load the named (or path) model with a fresh head for ``data``, and the data itself."""
     kind, key = model_kind(model)
     if data not in NUM_CLASSES:
@@ -191,7 +194,7 @@ def build_task(model: str, data: str, n_train: int | None = None, n_eval: int | 
         raise LavaConfigError(f"model {model!r} is a {kind} model but data {data!r} is a {data_kind} data set; "
                               f"use {'rotten_tomatoes' if kind == 'text' else 'fashion_mnist or digits'}")
     if kind == "text":
-        net, tok, path = load_text_model(model, NUM_CLASSES[data])
+        net, tok, path = load_text_model(model, NUM_CLASSES[data], dropout)
         train, ev = load_text_data(tok, n_train, n_eval, seed, max_len)
         return Task(net, kind, key, train, ev, tokenizer=tok, model_path=path)
     train, ev = load_image_data(data, n_train, n_eval, seed, image_size)

@@ -160,7 +160,7 @@ class Trainer:
             self.global_batch = args.batch_size * args.grad_accum_steps * self.world
             self.steps_per_epoch = global_steps(len(self.train_data), self.global_batch, args.grad_accum_steps, self.world)
             if self.steps_per_epoch == 0:
-                raise dist_error(f"train_data has {len(self.train_data)} samples, fewer than one global batch needs "
+                raise _error(f"train_data has {len(self.train_data)} samples, fewer than one global batch needs "
                                  f"({args.grad_accum_steps * self.world}); lower grad_accum_steps or use more data")
             self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
             self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
@@ -176,7 +176,7 @@ class Trainer:
                 return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             return "no"
         if mp == "fp16" and dev != "cuda":
-            raise dist_error("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
+            raise _error("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
         return mp
 
     def _autocast(self):
@@ -213,7 +213,7 @@ class Trainer:
             return out if isinstance(out, tuple) else (out, None)
         logits = default_forward(model, batch)
         if "labels" not in batch:
-            raise dist_error("batches need a 'labels' entry for the default loss; pass loss_fn=... otherwise")
+            raise _error("batches need a 'labels' entry for the default loss; pass loss_fn=... otherwise")
         return classification_loss(logits, batch["labels"]), logits
 
     def _emit(self, event: str) -> None:
@@ -229,7 +229,7 @@ class Trainer:
         """
         data = IndexedData(eval_data, "eval_data") if eval_data is not None else self.eval_data
         if data is None:
-            raise dist_error("no eval data: pass eval_data to Trainer(...) or to evaluate()")
+            raise _error("no eval data: pass eval_data to Trainer(...) or to evaluate()")
         model = self.unwrapped
         was_training = model.training
         model.eval()
@@ -285,14 +285,14 @@ class Trainer:
     def train(self) -> dict:
         """Run training; returns the summary dict (also written to ``summary.json``)."""
         if self.train_data is None:
-            raise dist_error("Trainer has no train_data; pass train_data=... to Trainer(...)")
+            raise _error("Trainer has no train_data; pass train_data=... to Trainer(...)")
         args = self.args
         set_seed(args.seed)
         resumed_from = None
         if self._resume is not None:
             state = load_checkpoint(self._resume, self.model, self.optimizer, self.scheduler, self.rank)
             if state.get("global_batch", self.global_batch) != self.global_batch:
-                raise dist_error(f"checkpoint {self._resume} was trained with global batch {state.get('global_batch')}, "
+                raise _error(f"checkpoint {self._resume} was trained with global batch {state.get('global_batch')}, "
                                  f"this run has {self.global_batch}; resume with the same batch settings")
             self.step, self.best_metric, self.best_step = state["step"], state.get("best_metric"), state.get("best_step")
             self.baseline = state.get("baseline")
@@ -451,7 +451,7 @@ class Trainer:
         result = self.evaluate()
         value = result.get(self.args.metric)
         if value is None:
-            raise dist_error(f"metric {self.args.metric!r} is not among the eval results {sorted(result)}; "
+            raise _error(f"metric {self.args.metric!r} is not among the eval results {sorted(result)}; "
                              "set metric= to one of them")
         better = self.best_metric is None or (value > self.best_metric if self.args.higher_is_better else value < self.best_metric)
         if better:
@@ -480,7 +480,7 @@ class Trainer:
         (self.run_dir / RUN_MARKER).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def dist_error(msg: str):
+def _error(msg: str):
     from ..errors import LavaError
 
     return LavaError(msg)
