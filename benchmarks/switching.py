@@ -10,9 +10,9 @@ other processes hits both alike.  Timed operations (median over ``--repeats``):
 
 * ``switch``: the merged model goes from adapter A to adapter B, both already loaded.
   PEFT: ``unmerge_adapter(); set_adapter(B); merge_adapter()``.  Ours:
-  ``set_adapter(B)`` on the merged model (in-place ``W += s·B_b A_b − s·B_a A_a`` by
-  two fused ``addmm_`` per layer, no ΔW temporaries), and with ``exact_unmerge=True``
-  (one fused pass ``W ← W0 + s·B_b A_b`` from the kept copy of ``W0``; bit-exact unmerge).
+  ``set_adapter(B)`` on the merged model (in place ``W += [s_b B_b | −s_a B_a][A_b; A_a]``:
+  one GEMM per layer, no ΔW temporaries), and with ``exact_unmerge=True`` (one GEMM
+  ``W ← W0 + s_b B_b A_b`` from the kept copy of ``W0``; bit-exact unmerge).
 * ``load+merge``: adapter B is read from disk, merged in place of A, A is deleted.
   PEFT: ``load_adapter(dir, B); unmerge_adapter(); set_adapter(B); merge_adapter();
   delete_adapter(A)``; ours: ``load_adapter(dir, B); set_adapter(B); delete_adapter(A)``.
@@ -113,13 +113,18 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
     def rec(key, seconds):
         times.setdefault(key, []).append(seconds)
 
+    def pair(op, peft_fn, ours_fn, i):
+        """Time both sides once; who goes first alternates with ``i``."""
+        first, second = (("peft", peft_fn), ("ours", ours_fn)) if i % 2 == 0 else (("ours", ours_fn), ("peft", peft_fn))
+        for who, fn in (first, second):
+            rec(f"{op}|{who}", timed(fn))
+
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # -- set_adapter on the unmerged model
         for i in range(repeats):
             name = "B" if i % 2 == 0 else "A"
-            rec("set_adapter (unmerged)|peft", timed(lambda: pm.set_adapter(name)))
-            rec("set_adapter (unmerged)|ours", timed(lambda: om.set_adapter(name)))
+            pair("set_adapter (unmerged)", lambda: pm.set_adapter(name), lambda: om.set_adapter(name), i)
         pm.set_adapter("A")
         om.set_adapter("A")
         pm.merge_adapter()
@@ -131,18 +136,16 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
             pm.set_adapter(target)
             pm.merge_adapter()
 
-        for _ in range(repeats):
+        for i in range(repeats):
             target = "B" if om.active_adapter == "A" else "A"
-            rec("switch|peft", timed(lambda: peft_switch(target)))
-            rec("switch|ours", timed(lambda: om.set_adapter(target)))
+            pair("switch", lambda: peft_switch(target), lambda: om.set_adapter(target), i)
         # exact mode: re-merge keeping a backup of W0, then time the same switches
         om.unmerge_adapter()
         om.exact_unmerge = True
         om.merge_adapter()
-        for _ in range(repeats):
+        for i in range(repeats):
             target = "B" if om.active_adapter == "A" else "A"
-            rec("switch|peft", timed(lambda: peft_switch(target)))
-            rec("switch|ours exact_unmerge", timed(lambda: om.set_adapter(target)))
+            pair("switch, exact_unmerge", lambda: peft_switch(target), lambda: om.set_adapter(target), i)
         om.unmerge_adapter()
         om.exact_unmerge = False
         om.merge_adapter()
@@ -172,26 +175,23 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
                 om.delete_adapter(old)
 
             old = current
-            rec("load+merge|peft", timed(peft_load))
-            rec("load+merge|ours", timed(ours_load))
+            pair("load+merge", peft_load, ours_load, i)
             current = new
             gc.collect()
 
     rows = []
-    ops = ["set_adapter (unmerged)", "switch", "load+merge"]
+    ops = ["set_adapter (unmerged)", "switch", "switch, exact_unmerge", "load+merge"]
     for op in ops:
-        peft_t = statistics.median(times[f"{op}|peft"])
-        peft_min = min(times[f"{op}|peft"])
-        for key, ts in times.items():
-            o, who = key.split("|")
-            if o != op:
-                continue
+        peft_ts = times[f"{op}|peft"]
+        for who in ("peft", "ours"):
+            ts = times[f"{op}|{who}"]
             med = statistics.median(ts)
             rows.append({
                 "model": model_name, "method": method, "rank": rank, "operation": op, "variant": who,
                 "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "n": len(ts),
-                "x_peft": med / peft_t if who != "peft" else 1.0,
-                "x_peft_min": min(ts) / peft_min if who != "peft" else 1.0,
+                "x_peft": med / statistics.median(peft_ts),
+                "x_peft_min": min(ts) / min(peft_ts),
+                "x_peft_paired": statistics.median(o / p for o, p in zip(ts, peft_ts)),
             })
     n_lin = sum(1 for _, m in om.named_modules() if isinstance(m, lp.AdaptedLayer))
     adapted_bytes = sum(m.base_weight.numel() * m.base_weight.element_size()
@@ -218,9 +218,11 @@ def to_markdown(result: dict) -> str:
         f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
         "- method: both libraries hold the same adapter tensors (ours exported with `lp.export_peft`); "
         "operations alternate between the two model copies; median of the repeats (min in brackets). "
-        "`× PEFT` = our median / PEFT's median, `× PEFT (min)` = our fastest / PEFT's fastest (load from other "
-        "processes only adds time, so the minimum estimates the unloaded machine); lower is better, target ≤ 0.5 "
-        "for switch and load+merge.",
+        "Each repeat times both sides back to back (who goes first alternates). `× PEFT` = our median / PEFT's "
+        "median; `paired` = median over repeats of (ours / PEFT) within a repeat (robust to load that drifts "
+        "during the run); `min` = our fastest / PEFT's fastest (load from other processes only adds time). "
+        "Lower is better; target ≤ 0.5 for switch and load+merge. In `switch, exact_unmerge` PEFT does the same "
+        "unmerge+merge as in `switch` (it has no such mode); ours runs with `exact_unmerge=True`.",
         "",
     ]
     for info in result["models"]:
@@ -229,12 +231,13 @@ def to_markdown(result: dict) -> str:
             f"{info['adapted_layers']} adapted layers ({info['adapted_weight_mib']:.0f} MiB of fp32 weights); "
             f"max |output ours − PEFT| with the same adapter merged: {info['max_abs_output_diff_ours_vs_peft']:.2e}"
         )
-    lines += ["", "| model | adapter | operation | variant | n | median ms (min) | × PEFT | × PEFT (min) |",
-              "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | adapter | operation | variant | n | median ms (min) | × PEFT | × PEFT paired | × PEFT min |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['method']} r={r['rank']} | {r['operation']} | {r['variant']} | {r['n']} | "
-            f"{r['median_ms']:.2f} ({r['min_ms']:.2f}) | {r['x_peft']:.2f} | {r['x_peft_min']:.2f} |"
+            f"{r['median_ms']:.2f} ({r['min_ms']:.2f}) | {r['x_peft']:.2f} | {r['x_peft_paired']:.2f} | "
+            f"{r['x_peft_min']:.2f} |"
         )
     lines += ["", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -270,8 +273,8 @@ def main(argv=None) -> int:
                 infos.append(info)
                 print(json.dumps(info), flush=True)
                 for row in r:
-                    print(f"  {row['operation']:24s} {row['variant']:20s} {row['median_ms']:10.2f} ms  x{row['x_peft']:.2f}"
-                          f"  (min x{row['x_peft_min']:.2f})", flush=True)
+                    print(f"  {row['operation']:24s} {row['variant']:6s} {row['median_ms']:10.2f} ms  x{row['x_peft']:.2f}"
+                          f"  paired x{row['x_peft_paired']:.2f}  min x{row['x_peft_min']:.2f}", flush=True)
     if hasattr(os, "getloadavg"):
         env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     notes = []

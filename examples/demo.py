@@ -11,8 +11,14 @@ What happens:
   4. add LAVA adapters (rank-8 sums of rank-1 components, orthonormal output factor kept
      orthogonal by a regularizer) to the attention query/value projections: 0.3% of the
      parameters are trained, the rest stays frozen;
-  5. train (progress bar), evaluate, save the adapter, write metrics + a PNG plot;
+  5. train one pass over 4,000 snippets (progress bar; bf16 autocast when the CPU has native
+     bf16, about 2x faster), evaluate on all 2,553 held-out snippets, save the adapter, write
+     metrics + a PNG plot;
   6. reload the adapter into a fresh base model and check it predicts the same.
+
+Exit status 1 if the held-out accuracy is below 80% or the reloaded adapter disagrees.
+Measured here (shared 2-core EPYC): 80-82% held-out accuracy across seeds/variants of these
+settings; the zero-shot (untrained head) baseline is ~51%.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import time
 
 START = time.perf_counter()
 
-# ---- settings: measured on a shared 2-core CPU to finish in ~2-3 minutes with >= 80% ----
-N_TRAIN, N_EVAL, MAX_LEN = 4000, 1000, 64
+# ---- settings: chosen on a shared 2-core CPU (see the module docstring for what they give) ----
+N_TRAIN, N_EVAL, MAX_LEN = 4000, None, 64  # N_EVAL None: all 2,553 held-out snippets
 EPOCHS, BATCH_SIZE, LR, HEAD_LR = 1, 16, 3e-3, 3e-3
 RANK, ALPHA, ORTH_LAMBDA, TARGETS = 8, 16, 0.1, ["query", "value"]
 TARGET_ACCURACY = 0.80
@@ -39,6 +45,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=LR, help=f"adapter learning rate (default {LR})")
     ap.add_argument("--head-lr", type=float, default=HEAD_LR, help=f"classifier-head learning rate (default {HEAD_LR})")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=float, default=EPOCHS, help=f"passes over the training snippets (default {EPOCHS})")
+    ap.add_argument("--precision", choices=("auto", "bf16", "no"), default="auto",
+                    help="bf16 autocast (auto: when the CPU has native bf16, e.g. AVX512-BF16/AMX)")
     ap.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
     ap.add_argument("--rank", type=int, default=RANK, help=f"LAVA rank (default {RANK})")
     ap.add_argument("--alpha", type=float, default=ALPHA, help=f"LAVA alpha; scale = alpha/rank (default {ALPHA})")
@@ -47,21 +56,24 @@ def main() -> int:
 
     import torch
 
-    from lava_peft.train.system import pick_num_threads
+    from lava_peft.train.system import cpu_has_native_bf16, pick_num_threads
 
     threads, why = (ns.threads, "--threads") if ns.threads else pick_num_threads()
     torch.set_num_threads(threads)
+    precision = ns.precision if ns.precision != "auto" else ("bf16" if cpu_has_native_bf16() else "no")
 
     import lava_peft as lp
     from lava_peft.train import Trainer, TrainingArguments, plot_metrics, set_seed
     from lava_peft.train.tasks import build_task, load_base_model
 
     print(f"lava-peft {lp.__version__} demo: LAVA on MiniLM-L6, Rotten Tomatoes sentiment "
-          f"(torch {torch.__version__}, {threads} CPU thread(s): {why})\n", flush=True)
+          f"(torch {torch.__version__}, {threads} CPU thread(s): {why}; "
+          f"{'bf16 autocast (native bf16 CPU)' if precision == 'bf16' else 'fp32'})\n", flush=True)
     set_seed(ns.seed)
     task = build_task("minilm", "rotten_tomatoes", n_train=ns.n_train, n_eval=N_EVAL, seed=0, max_len=MAX_LEN,
                       dropout=ns.dropout)
-    print(f"data:  {ns.n_train} training / {N_EVAL} held-out review snippets (split by movie; label 1 = fresh, 0 = rotten)")
+    n_eval = len(task.eval["labels"])
+    print(f"data:  {ns.n_train} training / {n_eval} held-out review snippets (split by movie; label 1 = fresh, 0 = rotten)")
     targets = ns.targets if ns.targets in ("all-linear", "all") else ns.targets.split(",")
     config = lp.LavaConfig(r=ns.rank, alpha=ns.alpha, target_modules=targets, modules_to_save=["classifier"],
                            orth_lambda=ORTH_LAMBDA)
@@ -72,9 +84,9 @@ def main() -> int:
           f"({', '.join(targets)}) + the new classifier head; orth_lambda={ORTH_LAMBDA}\n", flush=True)
 
     args = TrainingArguments(
-        output_dir=ns.out, overwrite=True, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=ns.lr, head_lr=ns.head_lr,
+        output_dir=ns.out, overwrite=True, epochs=ns.epochs, batch_size=BATCH_SIZE, lr=ns.lr, head_lr=ns.head_lr,
         schedule="linear", warmup_ratio=0.06, eval_every=None, save_every=0, eval_at_start=True,
-        group_by_length=True, log_every=5, seed=ns.seed,
+        group_by_length=True, log_every=5, seed=ns.seed, mixed_precision=precision,
     )
     trainer = Trainer(model, args, task.train, task.eval)
     summary = trainer.train()
@@ -91,7 +103,8 @@ def main() -> int:
 
     acc = summary["final_eval"]["accuracy"]
     base_acc = summary["baseline_eval"]["accuracy"]
-    majority = max(sum(task.eval["labels"].tolist()), N_EVAL - sum(task.eval["labels"].tolist())) / N_EVAL
+    fresh = int(task.eval["labels"].sum())
+    majority = max(fresh, n_eval - fresh) / n_eval
     elapsed = time.perf_counter() - START
     ok = acc >= TARGET_ACCURACY
     print(f"""

@@ -176,7 +176,7 @@ def test_regularizer_reaches_the_loss(tmp_path, digits):
         before = float(model.regularization_loss().detach()) / max(lam, 1e-12)
         Trainer(model, TrainingArguments(output_dir=str(tmp_path / f"l{lam}"), max_steps=20, batch_size=8, lr=2e-2,
                                          schedule="constant", log_every=20, **quiet()), train, loss_fn=zero_task).train()
-        after = sum(float(a.regularization()) for _, a in model.adapter_layers()) / 2
+        after = sum(float(a.regularization().detach()) for _, a in model.adapter_layers()) / 2
         return before, after, read_metrics(tmp_path / f"l{lam}")
 
     before, after, records = run(1.0)

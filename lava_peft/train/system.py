@@ -47,3 +47,18 @@ def pick_num_threads(max_threads: int | None = None) -> tuple[int, str]:
         return cores, f"{cores} cores"
     threads = max(1, min(cores, int(idle + 0.35)))
     return threads, f"{idle:.1f} of {os.cpu_count()} cores idle"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is
+    about 2x faster than fp32 for transformer matmuls (measured: MiniLM-L6 fwd+bwd 0.37 s vs
+    0.87 s per batch of 16 on one EPYC core).  Without it bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
