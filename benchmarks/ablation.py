@@ -8,9 +8,11 @@ regularizer used in the training step:
   the ``N×O`` output, out-of-place add), orth term as a Python loop of per-layer
   ``‖UᵀU − I‖²`` (the pre-issue-6 implementation);
 * ``lava[+fold+addmm]`` — scale folded into ``U``, accumulation by out-of-place ``addmm``;
-* ``lava[+inplace]`` — the ``addmm_`` into the base output, in place;
-* ``lava[+contig-up]`` — ``(s·U)ᵀ`` as a contiguous ``(r, O)`` operand (= the library's
-  linear path), still with the per-layer orth loop;
+* ``lava[+inplace-view]`` — the ``addmm_`` into the base output in place, through a 2-D
+  view of the 3-D output (tried and *rejected*: autograd's CopySlices then clones the
+  output gradient in the backward);
+* ``lava[+contig-up]`` — out-of-place ``addmm`` with ``(s·U)ᵀ`` as a contiguous ``(r, O)``
+  operand (= the library's linear path for N-d activations), per-layer orth loop;
 * ``lava`` (the normal row) — plus the orth term batched over layers of equal shape.
 """
 
@@ -21,7 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-STAGES = ("reference", "+fold+addmm", "+inplace", "+contig-up")
+STAGES = ("reference", "+fold+addmm", "+inplace-view", "+contig-up")
 
 
 def _forward_for(stage: str):
@@ -37,11 +39,10 @@ def _forward_for(stage: str):
         o = up_s.shape[0]
         if stage == "+fold+addmm":
             return torch.addmm(base_out.reshape(-1, o), h2, up_s.T).view(base_out.shape)
-        if stage == "+inplace":
+        if stage == "+inplace-view":
             base_out.view(-1, o).addmm_(h2, up_s.T)
             return base_out
-        base_out.view(-1, o).addmm_(h2, up_s.T.contiguous())  # "+contig-up"
-        return base_out
+        return torch.addmm(base_out.reshape(-1, o), h2, up_s.T.contiguous()).view(base_out.shape)  # "+contig-up"
 
     return forward
 

@@ -74,7 +74,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "n_eval": (1000, int, "held-out examples to evaluate on (0: all)"),
     "max_len": (64, int, "text: maximum tokens per example"),
     "image_size": (64, int, "images: resize to this many pixels per side"),
-    "mixed_precision": ("auto", str, "auto | no | bf16 | fp16"),
+    "mixed_precision": ("auto", str, "auto (bf16/fp16 on CUDA, fp32 on CPU) | no | bf16 | fp16; bf16 is ~2x "
+                                     "faster on CPUs with native bf16 (AVX512-BF16/AMX)"),
     "seed": (0, int, "random seed (adapter init, data order, data subset)"),
     "threads": (None, int, "CPU threads for torch (default: all cores)"),
 }

@@ -335,6 +335,7 @@ class AdaptedModel(nn.Module):
 
     def _unwrap(self, merge: bool) -> nn.Module:
         if merge:
+            self.exact_unmerge = False  # the wrappers go away: no backup copy of the weights is needed
             self.merge_adapter()
         else:
             self.unmerge_adapter()

@@ -141,9 +141,15 @@ def test_lowrank_forward_noncontiguous_base_out_and_contribution_only():
     x = torch.randn(4, 6)
     contrib = a.scale * (x @ a.lora_A.T) @ a.lora_B.T
     torch.testing.assert_close(lowrank_forward(x, a.lora_A, a.lora_B, a.scale, a, x.dtype), contrib, **FP32)
-    base = torch.randn(5, 4).T  # non-contiguous: the out-of-place addmm fallback
+    base = torch.randn(5, 4).T  # non-contiguous 2-D: accumulated in place
+    expected = base + contrib
     out = lowrank_forward(x, a.lora_A, a.lora_B, a.scale, a, x.dtype, base)
-    torch.testing.assert_close(out, base + contrib, **FP32)
+    torch.testing.assert_close(out, expected, **FP32)
+    x3, base3 = torch.randn(2, 4, 6), torch.randn(2, 4, 5)  # N-d: out of place, base untouched
+    before = base3.clone()
+    out3 = lowrank_forward(x3, a.lora_A, a.lora_B, a.scale, a, x.dtype, base3)
+    torch.testing.assert_close(out3, before + a.scale * (x3 @ a.lora_A.T) @ a.lora_B.T, **FP32)
+    assert torch.equal(base3, before)
 
 
 def test_linear_dropout_path_equals_reference_and_eval_skips_dropout():

@@ -99,11 +99,11 @@ def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapt
 
     the result is ``base_out + h (s·up)ᵀ``: the scale is folded into the ``O×r`` factor
     (``s·up`` costs ``O·r`` multiplies instead of ``N·O`` on the activations) and the
-    product is accumulated into the base output by one ``addmm`` (GEMM with β = 1), in
-    place when ``base_out`` is contiguous — ``base_out`` is the fresh output of the base
-    op, which its backward does not save, so the in-place update is autograd-safe and
-    saves one ``N×O`` temporary plus the separate add and scale passes (forward and
-    backward).  The fp32 factors are cast once per forward to the activation dtype
+    product is accumulated into the base output by one ``addmm`` (GEMM with β = 1),
+    which removes the separate scale and add passes over the ``N×O`` output (forward and
+    backward).  For 2-D activations the ``addmm_`` is in place — ``base_out`` is the fresh
+    output of the base op, which its backward does not save, so this is autograd-safe and
+    saves an ``N×O`` temporary; for N-d activations it is out of place (see the code).  The fp32 factors are cast once per forward to the activation dtype
     ``dtype``; the activations are never cast.  Without ``base_out`` the contribution
     ``h (s·up)ᵀ`` alone is returned.
 
@@ -120,9 +120,11 @@ def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapt
     up_t = (up * scale).T.contiguous().to(dtype)
     if base_out is None:
         return hidden @ up_t
+    if base_out.dim() == 2 and hidden.dim() == 2 and base_out.dtype == hidden.dtype:
+        return base_out.addmm_(hidden, up_t)  # in place on the tensor itself (not a view)
+    # N-d activations: out of place on 2-D views.  An in-place update *through a view* would
+    # make autograd rebuild the base in the backward (CopySlices: a full clone, fill and copy
+    # of the output gradient), which costs more than the one copy addmm makes here.
     out_dim = up_t.shape[1]
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if base_out.is_contiguous() and base_out.dtype == h2.dtype:
-        base_out.view(-1, out_dim).addmm_(h2, up_t)
-        return base_out
-    return torch.addmm(base_out.reshape(-1, out_dim), h2.to(base_out.dtype), up_t.to(base_out.dtype)).view(base_out.shape)
+    h2 = hidden.reshape(-1, hidden.shape[-1]).to(base_out.dtype)
+    return torch.addmm(base_out.reshape(-1, out_dim), h2, up_t.to(base_out.dtype)).view(base_out.shape)

@@ -11,7 +11,7 @@ Because the conv is linear in its kernel, ``conv(x, ΔW)`` factorises exactly in
    kernel ``Kj[k1..kN] = Π_m P_m[j, k_m]``, carrying the layer's stride, dilation and
    padding (as one depthwise conv, or one 1-D depthwise conv per spatial mode when the
    kernel is large: ``ΠK > 2·ΣK``);
-3. ``y = conv1x1(w; s·U)``      — ``r → O`` (per group), accumulated into the base output.
+3. ``y = conv1x1(w; s·U)``      — ``r → O`` (per group), fused with the addition to the base output.
 
 Why it is exact for any stride / dilation / padding: a 1×1 conv acts pixel by pixel, so
 it commutes with any padding that only moves or zeroes pixels (zeros, reflect,
@@ -110,8 +110,9 @@ def cp_conv_separable(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, P: list
     ``U (O, r)``, ``V (r, I/g)``, ``P[m] (r, K_m)``; ``layer`` supplies stride, padding,
     dilation, groups and padding mode.  The factors are cast to ``dtype`` (the base
     output's dtype); the activations are not cast (autocast casts ``x`` as it does for
-    the base conv).  With ``base_out`` the last ``r → O`` step is accumulated into it in
-    place by a GEMM (``addmm_``/``baddbmm_``, β = 1) when ``groups == 1``.
+    the base conv).  With ``base_out`` the last ``r → O`` step is fused with the addition
+    into one GEMM with β = 1 (``addmm``/``baddbmm``) when ``groups == 1``; a channels-last
+    base output gives a channels-last result.
     """
     n = len(P)
     conv = _CONV_FN[n]
@@ -160,14 +161,18 @@ def cp_conv_separable(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, P: list
     u = u.to(dtype)
     out_ch = U.shape[0]
     if base_out is not None and g == 1 and base_out.dtype == w.dtype:
+        # last step as a GEMM with β = 1 on a 2-D/3-D view of the base output (out of place:
+        # in place through a view would cost a CopySlices clone in the backward)
         if base_out.dim() == 4 and base_out.is_contiguous(memory_format=torch.channels_last) \
                 and w.is_contiguous(memory_format=torch.channels_last) and not base_out.is_contiguous():
-            base_out.permute(0, 2, 3, 1).view(-1, out_ch).addmm_(w.permute(0, 2, 3, 1).reshape(-1, r), u.T)
-            return base_out
+            b, _, hh, ww = base_out.shape
+            y = torch.addmm(base_out.permute(0, 2, 3, 1).reshape(-1, out_ch), w.permute(0, 2, 3, 1).reshape(-1, r),
+                            u.T)
+            return y.view(b, hh, ww, out_ch).permute(0, 3, 1, 2)
         if base_out.is_contiguous() and w.is_contiguous():
             b = base_out.shape[0]
-            base_out.view(b, out_ch, -1).baddbmm_(u.unsqueeze(0).expand(b, out_ch, r), w.view(b, r, -1))
-            return base_out
+            y = torch.baddbmm(base_out.view(b, out_ch, -1), u.unsqueeze(0).expand(b, out_ch, r), w.view(b, r, -1))
+            return y.view(base_out.shape)
     y = conv(w, u.reshape(out_ch, r, *ones), None, 1, 0, 1, g)
     if base_out is None:
         return y
