@@ -77,7 +77,7 @@ TRAIN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "mixed_precision": ("auto", str, "auto (bf16/fp16 on CUDA, fp32 on CPU) | no | bf16 | fp16; bf16 is ~2x "
                                      "faster on CPUs with native bf16 (AVX512-BF16/AMX)"),
     "seed": (0, int, "random seed (adapter init, data order, data subset)"),
-    "threads": (None, int, "CPU threads for torch (default: all cores)"),
+    "threads": (None, int, "CPU threads for torch (default: the cores that are idle right now, at least 1)"),
 }
 FLAG_OPTIONS = {
     "overwrite": "replace the run already in --out (only the files a run writes are removed)",
@@ -214,8 +214,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     from .train import Trainer, TrainingArguments, plot_metrics, set_seed
 
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+    from .train.system import pick_num_threads
+
+    threads, why = (opts["threads"], "--threads") if opts["threads"] else pick_num_threads()
+    torch.set_num_threads(threads)
+    print(f"lava train: {threads} CPU thread(s) ({why})", flush=True)
     set_seed(opts["seed"])
     print(f"lava train: loading {opts['model']} and {opts['data']} ...", flush=True)
     task = build_task(opts["model"], opts["data"], n_train=opts["n_train"] or None, n_eval=opts["n_eval"] or None,

@@ -181,7 +181,7 @@ def write_report(out: Path, runs: list[dict], meta: dict) -> Path:
             continue
         s = rows[0]["settings"]
         lines += [f"## {name}: {s['model']} on {s['data']}", "",
-                  f"{s['n_train']} train / {s['n_eval']} held-out examples, {s['epochs']:g} epochs, batch {s['batch_size']}, "
+                  f"{s['n_train']} train / {s['n_eval']} held-out examples, {s['epochs']:g} epoch(s), batch {s['batch_size']}, "
                   f"AdamW + cosine (6% warmup); lr {s['lr']:g} (adapters, head), {s['head_only_lr']:g} (head only), "
                   f"{s['full_lr']:g} (full FT); targets {s['targets']}; "
                   + (f"images {s['image_size']} px, BatchNorm statistics frozen." if s["data"] != "rotten_tomatoes"
