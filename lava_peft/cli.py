@@ -18,7 +18,6 @@ import argparse
 import difflib
 import importlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -112,9 +111,13 @@ def read_config_file(path: str) -> dict:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
+            try:
+                import yaml
+            except ImportError:
+                raise LavaConfigError(f"reading {path} needs PyYAML: pip install 'pyyaml>=6' (or write the config as JSON)") from None
             data = yaml.safe_load(text)
+    except LavaConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - report any parse error the same way
         raise LavaConfigError(f"config file {path} could not be parsed: {exc}") from None
     if data is None:

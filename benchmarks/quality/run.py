@@ -41,7 +41,7 @@ import lava_peft as lp
 from lava_peft.train import Trainer, TrainingArguments, set_seed
 from lava_peft.train.tasks import build_task
 
-from .budget import lava_params, lora_budget, lora_params, matching_lava_rank, rank_caps
+from .budget import lora_params, matching_lava_rank, rank_caps
 from lava_peft.methods.lava import LavaAdapter
 
 
