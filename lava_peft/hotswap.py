@@ -44,7 +44,7 @@ from .combine import Factors, _CODECS, method_of, to_native
 from .config import adapter_class, config_from_payload
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError, LavaError
 from .inject import adapted_layers, saved_module_wrappers
-from .io import CONFIG_NAME, WEIGHTS_NAME, read_json, read_safetensors
+from .io import CONFIG_NAME, WEIGHTS_NAME, check_tensors_match, read_json, read_safetensors
 from .layers import AdaptedLayer, layer_ops
 
 
@@ -74,14 +74,7 @@ def read_adapter_dir(model, model_id: str) -> tuple:
     expected = {f"{p}.{k}": v for p, a in adapters.items() for k, v in a.state_dict().items()}
     marker = _saved_marker()
     layer_keys = {k for k in tensors if f".{marker}." not in k}
-    missing = sorted(set(expected) - layer_keys)
-    unexpected = sorted(layer_keys - set(expected))
-    bad = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise AdapterFileError(
-            f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, wrong shape {bad[:3]}; the file is corrupt or was edited"
-        )
+    check_tensors_match(expected, tensors, directory / WEIGHTS_NAME, keys=layer_keys)
     with torch.no_grad():
         for p, a in adapters.items():
             a.load_state_dict({k: tensors[f"{p}.{k}"] for k in a.state_dict()})

@@ -81,3 +81,16 @@ def fingerprint(shapes: dict[str, list[int]]) -> dict:
     """Adapted module names + base weight shapes, and a short hash of both."""
     blob = json.dumps(shapes, sort_keys=True).encode()
     return {"modules": shapes, "sha256": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def check_tensors_match(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source, keys=None) -> None:
+    """Refuse a weights file whose keys (``keys``, default all of ``tensors``) or shapes differ from ``expected``."""
+    present = set(tensors) if keys is None else set(keys)
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shape:
+        raise AdapterFileError(
+            f"{source} does not match its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}; the file is corrupt or was edited"
+        )

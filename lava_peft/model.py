@@ -31,6 +31,7 @@ from .io import (
     WEIGHTS_NAME,
     atomic_save_safetensors,
     atomic_write_json,
+    check_tensors_match,
     fingerprint,
     read_json,
     read_safetensors,
@@ -503,14 +504,7 @@ class AdaptedModel(nn.Module):
             source = found.original_module if isinstance(found, SavedModuleWrapper) else found
             for key, value in source.state_dict().items():
                 expected[f"{path}.{SAVED_MARKER}.{key}"] = value
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-        if missing or unexpected or bad_shape:
-            raise AdapterFileError(
-                f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}; the file is corrupt or was edited"
-            )
+        check_tensors_match(expected, tensors, directory / WEIGHTS_NAME)
         with torch.no_grad():
             for path, _, adapter in plan.layers:
                 adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
