@@ -291,10 +291,17 @@ class AdaptedModel(nn.Module):
         for p_name, p in self.model.named_parameters(remove_duplicate=False):
             if ".adapters." not in p_name and ".copies." not in p_name:
                 owners.setdefault(id(p), []).append(p_name)
+        from .quant import is_quantized_linear
+
         for path, layer in adapted_layers(self.model):
             todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
             if not todo:
                 continue
+            if is_quantized_linear(layer.base_layer):
+                raise LavaError(
+                    f"{path} has a quantized base weight; merging {todo} into it would corrupt it. Keep the "
+                    "adapter unmerged, or merge into a full-precision copy of the base model"
+                )
             tied = [o for o in owners.get(id(layer.base_weight), []) if not o.startswith(f"{path}.base_layer.")]
             if tied:
                 raise LavaError(

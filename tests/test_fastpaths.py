@@ -455,3 +455,18 @@ def test_quantize_linears_errors():
         quantize_linears(nn.Sequential(nn.Linear(2, 2)), "int3")
     with pytest.raises(lp.LavaError, match="no nn.Linear matches"):
         quantize_linears(nn.Sequential(nn.Linear(2, 2)), "torchao-int8", targets=["nope"])
+
+
+def test_merging_into_a_quantized_base_is_refused_and_changes_nothing():
+    from lava_peft.quant import quantize_linears
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).to(torch.bfloat16)
+    quantize_linears(base, "torchao-int8", targets=["2"])
+    model = lp.adapt(base, lp.LavaConfig(r=4, target_modules=["0", "2"]))
+    _randomize(model)
+    before = model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(lp.LavaError, match="2 has a quantized base weight"):
+        model.merge_adapter()
+    assert model.merged_adapters == []
+    assert torch.equal(model.model[0].base_layer.weight, before)  # layer 0 (not quantized) untouched too
