@@ -136,16 +136,14 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
             pm.set_adapter(target)
             pm.merge_adapter()
 
-        for i in range(repeats):
-            target = "B" if om.active_adapter == "A" else "A"
-            pair("switch", lambda: peft_switch(target), lambda: om.set_adapter(target), i)
-        # exact mode: re-merge keeping a backup of W0, then time the same switches
-        om.unmerge_adapter()
-        om.exact_unmerge = True
-        om.merge_adapter()
-        for i in range(repeats):
-            target = "B" if om.active_adapter == "A" else "A"
-            pair("switch, exact_unmerge", lambda: peft_switch(target), lambda: om.set_adapter(target), i)
+        # default mode, then exact mode (re-merged keeping a backup of W0): the same switches
+        for label, exact in (("switch", False), ("switch, exact_unmerge", True)):
+            om.unmerge_adapter()
+            om.exact_unmerge = exact
+            om.merge_adapter()
+            for i in range(repeats):
+                target = "B" if om.active_adapter == "A" else "A"
+                pair(label, lambda: peft_switch(target), lambda: om.set_adapter(target), i)
         om.unmerge_adapter()
         om.exact_unmerge = False
         om.merge_adapter()

@@ -18,7 +18,7 @@ import lava_peft as lp  # noqa: E402
 from lava_peft.train.hf import LavaHFTrainer, LavaTrainerCallback  # noqa: E402
 from lava_peft.train.tasks import load_text_data, minilm_path  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -39,13 +39,6 @@ def setup():
     train, _ = load_text_data(tok, 32, 16, seed=0, max_len=32)
     return path, ListDataset(train)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model(path):

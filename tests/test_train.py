@@ -13,19 +13,13 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 import lava_peft as lp
 from lava_peft.data import load_digits_split
 from lava_peft.train import RunDirError, Trainer, TrainingArguments, read_metrics
 from lava_peft.train.schedule import lr_lambda
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is fastest, and robust on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
