@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterNameError, LavaError
+from .fused_linear import frozen_linear_weight, fusable, lowrank_linear
 
 BASE_NAME = "__base__"
 """Name that selects the plain base model for a sample in a mixed-adapter batch."""
@@ -341,17 +342,31 @@ class AdaptedLayer(nn.Module):
         e.g. LAVA's conv cost model); others answer ``uses_weight_path()``.
         """
         weight_path = [n for n in names if _wants_weight_path(self.adapters[n], x, self)]
+        rest = [n for n in names if n not in weight_path]
         if weight_path:
             weight = self.base_weight
             for n in weight_path:
                 weight = weight + self.ops.to_base_layout(self.adapters[n].delta_weight()).to(weight.dtype)
             out = self.ops.forward_with_weight(self.base_layer, x, weight)
         else:
-            out = self.base_layer(x)
-        for n in names:
-            if n not in weight_path:
-                out = self.adapters[n](x, out, self)
+            out, rest = self._base_and_first_lowrank(x, rest)
+        for n in rest:
+            out = self.adapters[n](x, out, self)
         return out
+
+    def _base_and_first_lowrank(self, x, names: list[str]):
+        """The base output, fused with the first adapter's low-rank term where possible.
+
+        A frozen plain ``nn.Linear`` whose first adapter offers ``linear_factors()`` runs as
+        one autograd node (:mod:`lava_peft.fused_linear`); returns ``(out, names left)``.
+        """
+        base = frozen_linear_weight(self.base_layer) if names else None
+        if base is not None and fusable(x, base[0]):
+            factors = self.adapters[names[0]].linear_factors()
+            if factors is not None:
+                down, up, scale = factors
+                return lowrank_linear(x, base[0], base[1], down, up, scale), names[1:]
+        return self.base_layer(x), names
 
     def _forward_mixed(self, x, names):
         """One adapter per sample (dim 0), grouped: one pass per distinct adapter, no per-sample loop.

@@ -8,6 +8,7 @@ roundings accumulate along each path).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -77,6 +78,99 @@ def test_linear_fast_path_equals_materialized_reference(method, shape):
     torch.testing.assert_close(gx_fast, x.grad, **FP32)
     for a, b in zip(g_fast, _grads(params)):
         torch.testing.assert_close(a, b, **FP32)
+
+
+def _grad_fn_names(t: torch.Tensor) -> set[str]:
+    """Names of every autograd node reachable from ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12), (12,)])
+def test_fused_lowrank_linear_node_equals_composed_reference_path(bias, shape):
+    """The one-node path (fused_linear) against lowrank_forward composed from autograd ops."""
+    from lava_peft.fused_linear import lowrank_linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7, bias=bias).requires_grad_(False)
+    down = torch.randn(3, 12, requires_grad=True)
+    up = torch.randn(7, 3, requires_grad=True)
+    adapter = lp.adapt(nn.ModuleDict({"lin": nn.Linear(12, 7)}), lp.LoraConfig(r=3, target_modules=["lin"]))
+    adapter = adapter.model["lin"].adapters["default"]  # only its spec / dropout are read
+    results = []
+    for fused in (True, False):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        if fused:
+            y = lowrank_linear(x, lin.weight, lin.bias, down, up, 1.5)
+            assert "_LowRankLinearBackward" in _grad_fn_names(y)
+        else:
+            y = lowrank_forward(x, down, up, 1.5, adapter, x.dtype, lin(x))
+        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        results.append((y.detach(), x.grad, down.grad.clone(), up.grad.clone()))
+        down.grad = up.grad = None
+    assert results[0][0].shape == (*shape[:-1], 7)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_fused_lowrank_linear_passes_gradcheck_in_float64():
+    from lava_peft.fused_linear import lowrank_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    down = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, d, u: lowrank_linear(x, w, b, d, u, 0.7), (x, down, up))
+
+
+def _one_linear_model(method="lava", **cfg):
+    config = (lp.LavaConfig if method == "lava" else lp.LoraConfig)(r=4, alpha=8, target_modules=["lin"], **cfg)
+    model = lp.adapt(nn.ModuleDict({"lin": nn.Linear(12, 7)}), config)
+    _randomize(model)
+    return model, model.model["lin"]
+
+
+@pytest.mark.parametrize("method", ["lava", "lora"])
+def test_adapted_linear_runs_as_one_fused_node_by_default(method):
+    _, layer = _one_linear_model(method)
+    y = layer(torch.randn(4, 12, requires_grad=True))
+    names = _grad_fn_names(y)
+    assert "_LowRankLinearBackward" in names
+    assert "AddmmBackward0" not in names  # the base op is inside the fused node
+
+
+@pytest.mark.parametrize("case", ["base_trainable", "forward_hook", "autocast", "dropout"])
+def test_cases_the_fused_node_cannot_serve_take_the_reference_path(case):
+    """Each of these keeps the composed path, and the result still equals the independent reference."""
+    _, layer = _one_linear_model(dropout=0.5 if case == "dropout" else 0.0)
+    x = torch.randn(4, 12)
+    if case == "base_trainable":
+        layer.base_layer.weight.requires_grad_(True)
+    if case == "forward_hook":
+        calls = []
+        layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    if case == "dropout":
+        torch.manual_seed(3)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else contextlib.nullcontext()
+    with ctx:
+        y = layer(x)
+    assert "_LowRankLinearBackward" not in _grad_fn_names(y)
+    if case == "forward_hook":
+        assert calls == [1]
+    if case in ("base_trainable", "forward_hook"):
+        torch.testing.assert_close(y, _linear_reference(layer, x, ["default"]), **FP32)
+    if case == "base_trainable":
+        y.sum().backward()
+        assert layer.base_layer.weight.grad is not None
 
 
 def test_lava_lambda0_with_lora_factors_is_bit_identical_to_lora_fast_path():

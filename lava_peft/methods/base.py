@@ -73,6 +73,14 @@ class DeltaAdapter(nn.Module):
     def regularization(self) -> torch.Tensor | None:
         return None
 
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(down (r, I), up (O, r), scale)`` with ``ΔW = scale·up·down`` on a linear layer, or ``None``.
+
+        When given, the layer may run base and adapter as one fused autograd node
+        (:mod:`lava_peft.fused_linear`); ``None`` keeps :meth:`forward`.
+        """
+        return None
+
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
 
@@ -86,6 +94,13 @@ class DeltaAdapter(nn.Module):
 
 def _dropout_active(adapter: "DeltaAdapter") -> bool:
     return isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.training and adapter.dropout.p > 0
+
+
+def lowrank_factors(adapter: "DeltaAdapter", down: torch.Tensor, up: torch.Tensor):
+    """``linear_factors()`` for a factored adapter: only on linear layers, and not while its dropout is active."""
+    if adapter.spec.kind != "linear" or _dropout_active(adapter):
+        return None
+    return down, up, adapter.scale
 
 
 def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapter: "DeltaAdapter", dtype: torch.dtype,

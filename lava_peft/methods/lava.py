@@ -40,7 +40,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method
 from ..errors import LavaConfigError
 from ..layers import LayerSpec
-from .base import DeltaAdapter, lowrank_forward
+from .base import DeltaAdapter, lowrank_factors, lowrank_forward
 from .cp_conv import choose_conv_path, cp_conv_separable
 
 
@@ -199,6 +199,9 @@ class LavaAdapter(DeltaAdapter):
         if self.spec.kind != "conv" or self._dropout_active():
             return False
         return self.conv_path_for(x, layer) == "weight"
+
+    def linear_factors(self):
+        return lowrank_factors(self, self.lava_V, self.lava_U)
 
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":

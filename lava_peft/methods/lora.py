@@ -17,7 +17,7 @@ from torch import nn
 from ..config import AdapterConfig, register_method
 from ..errors import LavaConfigError
 from ..layers import LayerSpec
-from .base import DeltaAdapter, lowrank_forward
+from .base import DeltaAdapter, lowrank_factors, lowrank_forward
 
 
 @dataclass
@@ -58,6 +58,9 @@ class LoraAdapter(DeltaAdapter):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(self.spec.canonical_shape) * self.scale
+
+    def linear_factors(self):
+        return lowrank_factors(self, self.lora_A, self.lora_B)
 
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":
