@@ -56,10 +56,10 @@ def make_model(path):
 
 
 def hf_args(out, **kw):
-    return transformers.TrainingArguments(
-        output_dir=str(out), max_steps=4, per_device_train_batch_size=8, learning_rate=2e-3, save_strategy="steps",
-        save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-        remove_unused_columns=False, **kw)
+    settings = dict(max_steps=4, per_device_train_batch_size=8, learning_rate=2e-3, save_strategy="steps",
+                    save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                    remove_unused_columns=False)
+    return transformers.TrainingArguments(output_dir=str(out), **{**settings, **kw})
 
 
 def batch_of(ds, n=8):
@@ -122,3 +122,32 @@ def test_lava_hf_trainer_adapter_only_checkpoints_and_exact_resume(setup, tmp_pa
     assert any(not torch.allclose(final[k], init[k]) for k in final)
     for k in final:
         torch.testing.assert_close(again[k], final[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_callback_counts_the_regularizer_once_per_step_under_gradient_accumulation(setup, tmp_path):
+    """With accumulation, the callback and LavaHFTrainer train identically, and the hook scales the term."""
+    path, ds = setup
+    args = dict(gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=2, save_strategy="no",
+                optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
+    via_callback = make_model(path)
+    callback = LavaTrainerCallback(save_adapter=False)
+    trainer = transformers.Trainer(model=via_callback, args=hf_args(tmp_path / "cb", **args), train_dataset=ds,
+                                   callbacks=[callback])
+    # the hook itself: the full term without num_items_in_batch, 1/accumulation with it
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=via_callback)
+    via_callback.train()
+    batch = batch_of(ds, 4)
+    with torch.no_grad():
+        reg, plain = via_callback.regularization_loss(), plain_loss(via_callback, batch)
+        torch.testing.assert_close(via_callback(**batch).loss, plain + reg)
+        torch.testing.assert_close(via_callback(**batch, num_items_in_batch=torch.tensor(8)).loss, plain + reg / 2)
+    callback.on_train_end(trainer.args, trainer.state, trainer.control)
+    trainer.train()
+
+    via_mixin = make_model(path)
+    LavaHFTrainer(model=via_mixin, args=hf_args(tmp_path / "mx", **args), train_dataset=ds).train()
+    init = make_model(path).adapter_state_dict()
+    a, b = via_callback.adapter_state_dict(), via_mixin.adapter_state_dict()
+    assert any(not torch.allclose(a[k], init[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

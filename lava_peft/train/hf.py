@@ -84,7 +84,8 @@ class LavaTrainerCallback(TrainerCallback):
     """Use with a stock ``transformers.Trainer``: ``Trainer(..., callbacks=[LavaTrainerCallback()])``.
 
     Adds ``regularization_loss()`` to ``outputs.loss`` of every training forward pass of the
-    adapted model (the Trainer then backpropagates it) and writes adapter files into each
+    adapted model, so that it counts once per optimizer step under gradient accumulation
+    (the Trainer then backpropagates it), and writes adapter files into each
     ``checkpoint-N`` folder and, at the end of training, into ``output_dir``.
     """
 
@@ -93,6 +94,7 @@ class LavaTrainerCallback(TrainerCallback):
         self.save_adapter = save_adapter
         self._handle = None
         self._model = None
+        self._accumulation_steps = 1
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         adapted = find_adapted_model(model)
@@ -102,17 +104,27 @@ class LavaTrainerCallback(TrainerCallback):
                 "(model = lp.adapt(model, config)); got " + type(model).__name__
             )
         self._model = adapted
+        self._accumulation_steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         if self.add_regularization and self._handle is None:
-            self._handle = adapted.register_forward_hook(self._add_reg)
+            self._handle = adapted.register_forward_hook(self._add_reg, with_kwargs=True)
 
-    @staticmethod
-    def _add_reg(module, args, output):
+    def _add_reg(self, module, args, kwargs, output):
+        """Add the regularizer once per optimizer step, whatever the gradient accumulation.
+
+        The Trainer divides the loss by the accumulation steps itself, except when it passed
+        ``num_items_in_batch`` to the model (the loss is then taken as normalised over the
+        whole accumulated batch); in that case the term is divided here instead.  (The last,
+        shorter window of an epoch is divided by the configured step count.)
+        """
         if not module.training:
             return output
         loss = output.get("loss") if isinstance(output, dict) else None
         if loss is None:
             return output
-        output["loss"] = loss + module.regularization_loss().to(loss.dtype)
+        reg = module.regularization_loss()
+        if kwargs.get("num_items_in_batch") is not None:
+            reg = reg / self._accumulation_steps
+        output["loss"] = loss + reg.to(loss.dtype)
         return output
 
     def on_save(self, args, state, control, **kwargs):
