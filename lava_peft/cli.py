@@ -340,7 +340,6 @@ def _add_merge_arguments(p):
 
 
 def cmd_merge(ns) -> int:
-    from .io import atomic_save_safetensors, atomic_write_json
     from .model import AdaptedModel
 
     out = Path(ns.out)
@@ -355,11 +354,11 @@ def cmd_merge(ns) -> int:
             tok.save_pretrained(str(out))
         how = f"transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r}), or lava train --model {out}"
     else:
-        state = {k: v for k, v in merged.state_dict().items()}
-        atomic_save_safetensors(state, out / "model.safetensors", {"format": "pt", "library": "lava-peft"})
-        atomic_write_json(out / "lava_model.json", {"model": info["model"], "data": info["data"]})
-        how = (f"lava_peft.train.tasks.load_base_model({info['model']!r}, {info['data']!r})[0] then "
-               "load_state_dict(safetensors.torch.load_file('model.safetensors'))")
+        from .train.tasks import save_merged_vision_model
+
+        save_merged_vision_model(merged, out, info["model"], info["data"])
+        how = (f"lava train --model {out} --data {info['data']} ..., or in Python "
+               f"lava_peft.train.tasks.load_base_model({str(out)!r}, {info['data']!r})[0]")
     print(f"merged {weights} into {info['model']}; wrote {out}\nload it with: {how}")
     return 0
 

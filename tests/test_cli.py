@@ -136,8 +136,20 @@ def test_merge_gives_the_same_predictions(trained_run, tmp_path):
     adapted = lp.AdaptedModel.from_pretrained(load_base_model("mobilenet_v2", "digits")[0], str(out / "adapter"))
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(base.eval()(x), adapted(x), rtol=1e-4, atol=1e-4)
+    # the merged directory is a model of its own: --model <dir> / load_base_model(<dir>) load it back
+    reloaded, _ = load_base_model(str(merged_dir), "digits")
+    assert torch.equal(reloaded.eval()(x), base(x))
+    assert f"--model {merged_dir}" in proc.stdout
     again = lava("merge", out / "adapter", "--out", merged_dir)  # non-empty out dir: refused
     assert again.returncode == 2 and "not empty" in again.stderr
+    # a merged 10-class model cannot serve the 2-class text data; a tampered info file is refused clearly
+    with pytest.raises(lp.LavaConfigError, match="10 classes"):
+        from lava_peft.train.tasks import load_vision_model
+
+        load_vision_model(str(merged_dir), 2)
+    (merged_dir / "lava_model.json").write_text('{"model": "resnet9000", "data": "digits"}')
+    with pytest.raises(lp.LavaConfigError, match="written by `lava merge`"):
+        load_base_model(str(merged_dir), "digits")
 
 
 # ----------------------------------------------------------------------------- bad input

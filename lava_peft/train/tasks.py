@@ -70,8 +70,11 @@ def model_kind(model: str) -> tuple[str, str]:
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return "text", "hf"
+    if path.is_dir() and (path / MERGED_VISION_INFO).is_file():
+        return "vision", "merged"
     if path.exists():
-        raise LavaConfigError(f"model path {str(path)!r} is not a Hugging Face model directory (no config.json in it)")
+        raise LavaConfigError(f"model path {str(path)!r} is neither a Hugging Face model directory (no config.json "
+                              f"in it) nor a vision model written by `lava merge` (no {MERGED_VISION_INFO})")
     raise LavaConfigError(
         f"model {model!r} is neither a known model name {list(TEXT_MODELS + VISION_MODELS)} nor an existing "
         "directory; give one of those names or the path of a Hugging Face model directory"
@@ -121,7 +124,42 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+MERGED_VISION_INFO = "lava_model.json"
+"""Written by ``lava merge`` beside ``model.safetensors`` for vision models: ``{"model": name, "data": name}``."""
+
+
+def save_merged_vision_model(model: nn.Module, out: Path, model_name: str, data: str) -> None:
+    """Write a merged vision model so that ``--model <out>`` (and :func:`load_vision_model`) loads it back."""
+    from ..io import atomic_save_safetensors, atomic_write_json
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(state, Path(out) / "model.safetensors", {"format": "pt", "library": "lava-peft"})
+    atomic_write_json(Path(out) / MERGED_VISION_INFO, {"model": model_name, "data": data})
+
+
+def load_merged_vision_model(path: str | Path, num_classes: int) -> nn.Module:
+    """The architecture named in ``lava_model.json``, with the merged weights of ``model.safetensors``."""
+    from ..io import check_tensors_match, read_json, read_safetensors
+
+    path = Path(path).expanduser()
+    info = read_json(path / MERGED_VISION_INFO)
+    name, data = info.get("model"), info.get("data")
+    if name not in VISION_MODELS or data not in NUM_CLASSES:
+        raise LavaConfigError(f"{path / MERGED_VISION_INFO} names model {name!r} / data {data!r}; expected one of "
+                              f"{list(VISION_MODELS)} and a known data set. Was it written by `lava merge`?")
+    if NUM_CLASSES[data] != num_classes:
+        raise LavaConfigError(f"{path} was merged for {data!r} ({NUM_CLASSES[data]} classes) but {num_classes} "
+                              f"classes are needed here; use a data set with {NUM_CLASSES[data]} classes")
+    net = load_vision_model(name, num_classes)
+    tensors = read_safetensors(path / "model.safetensors")
+    check_tensors_match(net.state_dict(), tensors, path / "model.safetensors")
+    net.load_state_dict(tensors)
+    return net
+
+
 def load_vision_model(model: str, num_classes: int) -> nn.Module:
+    if model not in VISION_MODELS and model_kind(model) == ("vision", "merged"):
+        return load_merged_vision_model(model, num_classes)
     if model == "mobilenet_v2":
         from ..models import load_pretrained_mobilenet_v2
 
