@@ -456,10 +456,59 @@ def _add_inspect_arguments(p):
     p.add_argument("path", help="adapter directory, its adapter_model.safetensors, or a run directory")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--all", action="store_true", help="list every module (default: the first 20)")
+    p.add_argument("--spectra", metavar="PNG", help="also plot the singular values of every layer's ΔW "
+                   "(each unfolding of conv kernels) to this PNG and report numerical ranks; needs the base "
+                   "model: a run directory, or --model and --data")
+    p.add_argument("--changed", action="store_true", help="also count the base weights that merging the "
+                   "adapter would change (needs the base model, like --spectra)")
+    p.add_argument("--model", help="base model for --spectra/--changed (default: the one recorded in the run)")
+    p.add_argument("--data", help="data set the head was trained for (default: the one recorded in the run)")
+
+
+def adapter_diagnostics(path: str, model_name: str | None, data: str | None, spectra_png: str | None,
+                        changed: bool) -> dict:
+    """Diagnostics that need ``ΔW`` on the real base model: spectra (plot + numerical ranks), % changed."""
+    from . import diagnostics
+    from .model import AdaptedModel
+
+    source = Path(path)
+    model, _, info, weights = _load_trained(str(source.parent if source.is_file() else source), model_name, data)
+    if not isinstance(model, AdaptedModel):
+        raise LavaError(f"{weights} holds a full trained model, not an adapter; --spectra and --changed need an adapter")
+    out: dict = {"base_model": info["model"]}
+    if spectra_png:
+        spectra = diagnostics.delta_spectra(model)
+        diagnostics.plot_spectra(spectra, spectra_png, title=f"ΔW spectra: {weights}")
+        out["spectra_png"] = str(spectra_png)
+        out["numerical_ranks"] = {layer: {kind: diagnostics.numerical_rank(sv) for kind, sv in per.items()}
+                                  for layer, per in spectra.items()}
+    if changed:
+        out["merge_changes"] = diagnostics.merged_change_fraction(model)
+    return out
+
+
+def _print_diagnostics(diag: dict) -> None:
+    ranks = diag.get("numerical_ranks")
+    if ranks:
+        kinds: dict[str, list[int]] = {}
+        for per in ranks.values():
+            for kind, rank in per.items():
+                kinds.setdefault(kind, []).append(rank)
+        print(f"\nΔW spectra   {diag['spectra_png']}  (numerical rank, σ_i > 1e-6·σ_1, over {len(ranks)} layers)")
+        for kind, values in kinds.items():
+            values.sort()
+            print(f"  {kind:18s} min {values[0]:4d}  median {values[len(values) // 2]:4d}  max {values[-1]:4d}")
+    changes = diag.get("merge_changes")
+    if changes:
+        print(f"\nmerging changes {changes['changed']:,d} base weights: {changes['percent_of_adapted']:.2f}% of the "
+              f"adapted layers' weights, {changes['percent_of_model']:.2f}% of all {changes['model_params']:,d} "
+              f"base-model parameters")
 
 
 def cmd_inspect(ns) -> int:
     info = inspect_adapter(ns.path)
+    if ns.spectra or ns.changed:
+        info["diagnostics"] = adapter_diagnostics(ns.path, ns.model, ns.data, ns.spectra, ns.changed)
     if ns.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -484,6 +533,8 @@ def cmd_inspect(ns) -> int:
           f"{info['saved_params']:,d} in modules_to_save, in {info['tensors']} tensors")
     print(f"bytes        {info['tensor_bytes']:,d} of tensor data; adapter_model.safetensors {info['file_bytes']:,d} B, "
           f"adapter_config.json {info['config_bytes']:,d} B")
+    if "diagnostics" in info:
+        _print_diagnostics(info["diagnostics"])
     return 0
 
 

@@ -112,6 +112,37 @@ def test_inspect_counts_match_the_file(trained_run):
 
 
 @pytest.mark.integration
+def test_inspect_diagnostics_spectra_and_merge_changes(trained_run):
+    from lava_peft.train.tasks import load_base_model
+
+    root, out, _ = trained_run
+    png = root / "spectra.png"
+    proc = lava("inspect", out, "--spectra", png, "--changed", "--json")
+    assert proc.returncode == 0, proc.stderr
+    diag = json.loads(proc.stdout)["diagnostics"]
+    assert png_size(png)[0] > 0
+    ranks = diag["numerical_ranks"]
+    assert len(ranks) == 52
+    # CP rank 4: every unfolding of every kernel has rank <= 4, and training made some reach 4
+    assert all(r <= 4 for per in ranks.values() for r in per.values())
+    assert max(per["O x I*K"] for per in ranks.values()) == 4
+    # % changed, against an independent count: merge into a fresh base and compare weights
+    base = load_base_model("mobilenet_v2", "digits")[0]
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = lp.AdaptedModel.from_pretrained(base, str(out / "best")).merge_and_unload()
+    conv_keys = [k + ".weight" for k in ranks]
+    changed = sum(int((merged.state_dict()[k] != before[k]).sum()) for k in conv_keys)
+    # the merge adds U·V inside one addmm, the diagnostic forms W + ΔW: rounding may differ on a
+    # handful of entries whose |ΔW| is near half an ulp of W
+    assert changed > 0 and abs(diag["merge_changes"]["changed"] - changed) <= 1e-5 * changed
+    assert diag["merge_changes"]["adapted_weights"] == sum(before[k].numel() for k in conv_keys)
+    text = lava("inspect", out, "--changed")
+    assert text.returncode == 0 and "merging changes" in text.stdout
+    bare = lava("inspect", out / "adapter" / "adapter_model.safetensors", "--changed", "--model", "mobilenet_v2")
+    assert bare.returncode == 0, bare.stderr  # --data from the run directory the adapter sits in
+
+
+@pytest.mark.integration
 def test_plot_writes_png_of_requested_size(trained_run):
     root, out, _ = trained_run
     assert png_size(out / "metrics.png") == (1200, 450)  # written by lava train
