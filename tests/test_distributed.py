@@ -1,9 +1,11 @@
-"""DDP under ``torchrun``: 2 CPU processes (gloo), no change to the training code.
+"""DDP with 2 CPU processes (gloo), no change to the training code.
 
-The same script trains (a) as 2 processes with batch 2 × grad-accum 2 per rank and (b) in
-this process with batch 8, i.e. the same global batch of 8.  The adapters must be
-identical on both ranks, equal the single-process result, and rank 0 alone writes the
-adapter files.
+* Our ``Trainer`` launched by ``torchrun`` and by ``accelerate launch``: the same script
+  trains (a) as 2 processes with batch 2 × grad-accum 2 per rank and (b) in this process
+  with batch 8, i.e. the same global batch of 8.  The adapters must be identical on both
+  ranks, equal the single-process result, and rank 0 alone writes the adapter files.
+* A user's own loop with ``accelerate.Accelerator`` (``prepare`` / ``backward``) on an
+  ``AdaptedModel``: 2 processes equal one process with the global batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -65,15 +68,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def _launch(launcher: str, script, *args) -> subprocess.CompletedProcess:
+    """Run ``script`` as 2 CPU processes with ``torchrun`` or ``accelerate launch``."""
+    port = str(_free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:  # accelerate's multi-process launcher; on a machine without GPUs the processes use gloo on the CPU
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([*cmd, str(script), *map(str, args)], capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_ddp_two_processes_match_single_process(tmp_path, launcher):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script), str(out)],
-        capture_output=True, text=True, timeout=180, env=env,
-    )
+    proc = _launch(launcher, script, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = load_file(str(out / "final_rank0.safetensors"))
     r1 = load_file(str(out / "final_rank1.safetensors"))
@@ -104,3 +116,68 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         moved = max(moved, float((ref[k] - init[k]).abs().max()))
     assert moved > 1e-2  # training really changed the adapter
     assert single.last_eval["accuracy"] == eval((out / "eval_rank0.txt").read_text())[1]
+
+
+ACCELERATE_WORKER = textwrap.dedent(
+    '''
+    import os, sys
+    import torch
+    import lava_peft as lp
+    from accelerate import Accelerator
+
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        model = lp.adapt(net, lp.LavaConfig(r=4, target_modules=["0", "2"], rank_pattern={"2": 2}, orth_lambda=0.5))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 10, generator=g)
+        return model, torch.utils.data.TensorDataset(x, (x[:, :3].sum(1) > 0).long())
+
+
+    def train(batch_size):
+        model, data = build()
+        accelerator = Accelerator(cpu=True)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        for x, y in loader:
+            reg = accelerator.unwrap_model(model).regularization_loss()
+            accelerator.backward(torch.nn.functional.cross_entropy(model(x), y) + reg)
+            opt.step()
+            opt.zero_grad()
+        return accelerator, accelerator.unwrap_model(model)
+
+
+    if __name__ == "__main__":
+        acc, model = train(batch_size=4)
+        from safetensors.torch import save_file
+        state = {k: v.contiguous() for k, v in model.adapter_state_dict().items()}
+        kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+        save_file(state, os.path.join(sys.argv[1], f"rank{acc.process_index}_of{acc.num_processes}_{kind}.safetensors"))
+    '''
+)
+
+
+def test_accelerate_prepare_loop_two_processes_match_single_process(tmp_path):
+    script = tmp_path / "acc_worker.py"
+    script.write_text(ACCELERATE_WORKER)
+    proc = _launch("accelerate", script, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = load_file(str(tmp_path / "rank0_of2_MULTI_CPU.safetensors"))  # really 2 processes, DDP on the CPU
+    r1 = load_file(str(tmp_path / "rank1_of2_MULTI_CPU.safetensors"))
+    namespace: dict = {"__name__": "acc_worker"}
+    exec(compile(ACCELERATE_WORKER, "acc_worker", "exec"), namespace)
+    from accelerate.state import AcceleratorState
+
+    try:
+        _, single = namespace["train"](batch_size=8)  # one process, the same global batches of 8
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton to later tests
+    ref = single.adapter_state_dict()
+    init = namespace["build"]()[0].adapter_state_dict()
+    assert set(r0) == set(ref) and len(ref) == 4
+    for k in ref:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-2
