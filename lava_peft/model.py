@@ -416,17 +416,21 @@ class AdaptedModel(nn.Module):
 
     # ================================================================= state / files
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of one adapter, keyed as in the file (see docs/format.md)."""
+        """The tensors of one adapter, keyed as in the file (see docs/format.md).
+
+        Under FSDP2 (``fully_shard``) sharded tensors are gathered (``DTensor.full_tensor()``,
+        a collective): call it on every rank.
+        """
         name = adapter_name or self.active_adapter
         self._check_known(name)
         state = {}
         for path, adapter in self.adapter_layers(name):
             for key, value in adapter.state_dict().items():
-                state[f"{path}.{key}"] = value
+                state[f"{path}.{key}"] = _full(value)
         for path, wrapper in saved_module_wrappers(self.model):
             if name in wrapper.copies:
                 for key, value in wrapper.copies[name].state_dict().items():
-                    state[f"{path}.{SAVED_MARKER}.{key}"] = value
+                    state[f"{path}.{SAVED_MARKER}.{key}"] = _full(value)
         return state
 
     def base_fingerprint(self, adapter_name: str | None = None) -> dict:
@@ -438,13 +442,22 @@ class AdaptedModel(nn.Module):
         }
         return fingerprint(shapes)
 
-    def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None) -> None:
+    def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
+                        is_main_process: bool | None = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
 
         ``adapter_name=None`` saves every adapter: ``"default"`` in ``save_directory``
         itself, each other adapter in ``save_directory/<name>`` (the HF PEFT layout).
+
+        Distributed training: call it on every rank; only the main process writes
+        (``is_main_process``; default: rank 0 when ``torch.distributed`` is initialized).
+        Every rank takes part in gathering FSDP-sharded adapters.
         """
         from . import __version__
+
+        if is_main_process is None:
+            dist = torch.distributed
+            is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
         if adapter_name is None:
             names = list(self.peft_config)
@@ -465,8 +478,10 @@ class AdaptedModel(nn.Module):
                 "base_model_fingerprint": self.base_fingerprint(name),
             }
             metadata = {"format": "pt", "library": "lava-peft", "format_version": str(FORMAT_VERSION), "method": config.method}
-            atomic_save_safetensors(self.adapter_state_dict(name), directory / WEIGHTS_NAME, metadata)
-            atomic_write_json(directory / CONFIG_NAME, payload)
+            state = self.adapter_state_dict(name)  # on every rank: gathering sharded tensors is collective
+            if is_main_process:
+                atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata)
+                atomic_write_json(directory / CONFIG_NAME, payload)
 
     def _check_fingerprint(self, fp: dict, source: str) -> list[str]:
         modules = fp.get("modules") if isinstance(fp, dict) else None
@@ -534,6 +549,12 @@ class AdaptedModel(nn.Module):
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A plain local tensor: FSDP2 ``DTensor`` shards are gathered (collective)."""
+    full_tensor = getattr(value, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else value
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:

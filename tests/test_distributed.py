@@ -6,6 +6,8 @@
   ranks, equal the single-process result, and rank 0 alone writes the adapter files.
 * A user's own loop with ``accelerate.Accelerator`` (``prepare`` / ``backward``) on an
   ``AdaptedModel``: 2 processes equal one process with the global batch.
+* FSDP2 (``fully_shard``) over an ``AdaptedModel``: 2 processes equal one process, and
+  ``save_pretrained`` on every rank gathers the shards and writes once (rank 0).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import lava_peft as lp
 
 WORKER = textwrap.dedent(
     '''
@@ -181,3 +185,66 @@ def test_accelerate_prepare_loop_two_processes_match_single_process(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
     assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-2
+
+
+FSDP_WORKER = textwrap.dedent(
+    '''
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    import lava_peft as lp
+
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        model = lp.adapt(net, lp.LavaConfig(r=4, target_modules=["0", "2"], rank_pattern={"2": 2}, orth_lambda=0.5))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 10, generator=g)
+        return model, x, (x[:, :3].sum(1) > 0).long()
+
+
+    def train(model, x, y, rank=0, world=1):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        per_rank = 8 // world
+        for step in range(4):  # global batches of 8, split between the ranks
+            rows = slice(step * 8 + rank * per_rank, step * 8 + (rank + 1) * per_rank)
+            loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows]) + model.regularization_loss()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+    if __name__ == "__main__":
+        dist.init_process_group("gloo")
+        from torch.distributed.fsdp import fully_shard
+        model, x, y = build()
+        fully_shard(model)
+        train(model, x, y, dist.get_rank(), dist.get_world_size())
+        model.save_pretrained(sys.argv[1])  # every rank: gathers the shards; rank 0 writes
+        dist.barrier()
+        dist.destroy_process_group()
+    '''
+)
+
+
+def test_fsdp2_fully_shard_two_processes_match_single_process(tmp_path):
+    script = tmp_path / "fsdp_worker.py"
+    script.write_text(FSDP_WORKER)
+    out = tmp_path / "adapter"
+    proc = _launch("torchrun", script, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    namespace: dict = {"__name__": "fsdp_worker"}
+    exec(compile(FSDP_WORKER, "fsdp_worker", "exec"), namespace)
+    model, x, y = namespace["build"]()
+    init = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    namespace["train"](model, x, y)
+    ref = model.adapter_state_dict()
+    assert set(saved) == set(ref) and len(ref) == 4
+    for k in ref:
+        assert saved[k].shape == ref[k].shape, k  # full tensors, not one rank's shard
+        torch.testing.assert_close(saved[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-2
+    reloaded = lp.AdaptedModel.from_pretrained(namespace["build"]()[0].unload(), str(out))
+    torch.testing.assert_close(reloaded(x), model(x), rtol=1e-5, atol=1e-6)
