@@ -122,21 +122,32 @@ def test_ddp_two_processes_match_single_process(tmp_path, launcher):
     assert single.last_eval["accuracy"] == eval((out / "eval_rank0.txt").read_text())[1]
 
 
-ACCELERATE_WORKER = textwrap.dedent(
+SMALL_TASK = textwrap.dedent(
     '''
     import os, sys
     import torch
     import lava_peft as lp
-    from accelerate import Accelerator
 
 
-    def build():
+    def small_task():
+        """A 2-layer net with LAVA on both linears, 32 samples of a linear rule."""
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
         model = lp.adapt(net, lp.LavaConfig(r=4, target_modules=["0", "2"], rank_pattern={"2": 2}, orth_lambda=0.5))
         g = torch.Generator().manual_seed(1)
         x = torch.randn(32, 10, generator=g)
-        return model, torch.utils.data.TensorDataset(x, (x[:, :3].sum(1) > 0).long())
+        return model, x, (x[:, :3].sum(1) > 0).long()
+    '''
+)
+
+ACCELERATE_WORKER = SMALL_TASK + textwrap.dedent(
+    '''
+    from accelerate import Accelerator
+
+
+    def build():
+        model, x, y = small_task()
+        return model, torch.utils.data.TensorDataset(x, y)
 
 
     def train(batch_size):
@@ -187,21 +198,11 @@ def test_accelerate_prepare_loop_two_processes_match_single_process(tmp_path):
     assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-2
 
 
-FSDP_WORKER = textwrap.dedent(
+FSDP_WORKER = SMALL_TASK + textwrap.dedent(
     '''
-    import os, sys
-    import torch
     import torch.distributed as dist
-    import lava_peft as lp
 
-
-    def build():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        model = lp.adapt(net, lp.LavaConfig(r=4, target_modules=["0", "2"], rank_pattern={"2": 2}, orth_lambda=0.5))
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(32, 10, generator=g)
-        return model, x, (x[:, :3].sum(1) > 0).long()
+    build = small_task
 
 
     def train(model, x, y, rank=0, world=1):
