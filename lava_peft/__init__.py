@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .layers import BASE_NAME, AdaptedLayer
-from .methods import DeltaAdapter, LavaConfig, LoraConfig
+from .methods import DeltaAdapter, LavaConfig, LoraConfig, ShiraConfig
 from .model import AdaptedModel, adapt
 from .train import Trainer, TrainingArguments, set_seed
 from .methods.dense_delta import DenseDeltaConfig
@@ -39,6 +39,7 @@ __all__ = [
     "LavaConfigError",
     "LavaError",
     "LoraConfig",
+    "ShiraConfig",
     "TargetModulesError",
     "Trainer",
     "TrainingArguments",

@@ -21,7 +21,10 @@ Per adapted layer, with ``ΔW_a`` the increment of adapter ``a`` in the canonica
     If ``Σ r_a`` exceeds what the result method allows on a layer (e.g. LoRA rank >
     ``min(O, I·ΠK)``), the matrix is re-factored exactly by an SVD of its (low-rank)
     factors at the maximal rank.  Methods without factors give a ``dense_delta``
-    adapter holding ``Σ_a w_a ΔW_a`` itself.  Note: HF PEFT's ``"linear"`` sums the
+    adapter holding ``Σ_a w_a ΔW_a`` itself — except for sparse methods with a
+    :class:`SparseCodec` (SHiRA): adapters of one such method give an adapter of that
+    method on the *union* of the supports, ``v = Σ_a w_a v_a`` (exact, scattered onto
+    the union).  Note: HF PEFT's ``"linear"`` sums the
     LoRA *factors* (``(Σ√w B)(Σ√w A)``, which has cross terms); ours is the exact sum
     (PEFT's ``"cat"``).
 
@@ -233,6 +236,30 @@ def factor_codec(method: str) -> FactorCodec | None:
     return _CODECS.get(method)
 
 
+class SparseCodec:
+    """How a sparse method builds a result adapter on a given support (exact ``"linear"`` combination).
+
+    Its adapters expose ``sparse_delta() -> (idx, values)`` with ``ΔW.reshape(-1)[idx] = values``
+    (canonical layout, scale folded in); see :class:`~lava_peft.methods.shira.SparseDeltaAdapter`.
+    """
+
+    def result_config(self, input_configs: list[AdapterConfig], supports: dict[str, torch.Tensor]) -> AdapterConfig:
+        """A config whose adapter on layer ``path`` has exactly the flat indices ``supports[path]``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def write(self, adapter, values: torch.Tensor) -> None:
+        """Set the adapter (built from :meth:`result_config`) so that ``sparse_delta()[1] == values``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+_SPARSE_CODECS: dict[str, SparseCodec] = {}
+
+
+def register_sparse_codec(method: str, codec: SparseCodec) -> None:
+    """Declare that ``"linear"`` combinations of ``method`` adapters stay sparse (union of supports)."""
+    _SPARSE_CODECS[method] = codec
+
+
 def method_of(adapter) -> str | None:
     """The registered method name of an adapter instance."""
     cls = type(adapter)
@@ -414,6 +441,8 @@ def combine_dense(
 class CombinationReport:
     """What :func:`add_weighted_adapter` built: result method, per-layer rank and relative error.
 
+    For a sparse result (:class:`SparseCodec`) ``ranks[path]`` is the number of stored entries.
+
     ``relative_error[path] = ‖ΔW_result − ΔW_target‖_F / ‖ΔW_target‖_F`` where the target is the
     weighted sum (``linear``/``svd``) or the dense TIES/DARE/pruned result; 0 up to rounding
     for exact representations.
@@ -467,6 +496,10 @@ def add_weighted_adapter(
     """
     names, weights = _check_arguments(model, adapters, weights, adapter_name, combination_type, density, svd_rank,
                                       majority_sign_method, result_method)
+    if combination_type == "linear":
+        report = _sparse_linear(model, names, weights, adapter_name, result_method)
+        if report is not None:
+            return report
     density = 1.0 if density is None else float(density)
     layers = _collect_layers(model, names)
     methods = [model.peft_config[n].method for n in names]
@@ -520,6 +553,47 @@ def add_weighted_adapter(
             got = adapter.delta_weight().detach().double()
             denom = target.double().norm().item()
             report.relative_error[path] = (got - target.double()).norm().item() / denom if denom > 0 else 0.0
+    model._commit(plan)
+    for path, wrapper in saved_module_wrappers(model.model):
+        if path in saved_states and adapter_name in wrapper.copies:
+            wrapper.copies[adapter_name].load_state_dict(saved_states[path])
+    return report
+
+
+def _sparse_linear(model, names, weights, adapter_name, result_method) -> CombinationReport | None:
+    """Exact ``"linear"`` sum of adapters of one sparse method, as that method on the union of supports.
+
+    Per layer: ``U = ∪_a idx_a`` (sorted) and ``v[p] += w_a·values_a[j]`` where ``U[p] = idx_a[j]``;
+    no dense ``ΔW`` is formed.  ``None`` when the inputs are not all of one method with a
+    :class:`SparseCodec` (or another ``result_method`` is asked for).
+    """
+    methods = {model.peft_config[n].method for n in names}
+    method = methods.pop() if len(methods) == 1 else None
+    codec = _SPARSE_CODECS.get(method)
+    if codec is None or result_method not in (None, method):
+        return None
+    layers = _collect_layers(model, names)
+    supports, values = {}, {}
+    with torch.no_grad():
+        for layer in layers:
+            parts = [(a.sparse_delta(), w) for a, w in zip(layer.adapters, weights) if a is not None]
+            union = torch.unique(torch.cat([idx.long().cpu() for (idx, _), _ in parts]))  # sorted
+            summed = torch.zeros(union.numel(), dtype=torch.float32)
+            for (idx, vals), w in parts:
+                summed.index_add_(0, torch.searchsorted(union, idx.long().cpu()), vals.detach().float().cpu() * w)
+            supports[layer.path], values[layer.path] = union, summed
+    config = codec.result_config([model.peft_config[n] for n in names], supports)
+    plan = model._plan(adapter_name, config, target_names=[layer.path for layer in layers])
+    saved_states = _combine_saved_modules(model, names, weights, "linear", 1.0, None, "total")
+    report = CombinationReport(adapter_name, method, "linear")
+    with torch.no_grad():
+        for path, _, adapter in plan.layers:
+            codec.write(adapter, values[path])
+            got = adapter.sparse_delta()[1]
+            denom = values[path].double().norm().item()
+            err = (got.detach().double().cpu() - values[path].double()).norm().item()
+            report.ranks[path] = int(supports[path].numel())
+            report.relative_error[path] = err / denom if denom > 0 else 0.0
     model._commit(plan)
     for path, wrapper in saved_module_wrappers(model.model):
         if path in saved_states and adapter_name in wrapper.copies:
@@ -778,10 +852,12 @@ __all__ = [
     "CombinationReport",
     "FactorCodec",
     "Factors",
+    "SparseCodec",
     "adapter_factors",
     "add_weighted_adapter",
     "combine_dense",
     "cp_als",
     "factor_codec",
     "register_factor_codec",
+    "register_sparse_codec",
 ]

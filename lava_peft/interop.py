@@ -72,7 +72,8 @@ def export_peft(
     allow_rank_expansion: bool = False,
     base_model_name_or_path: str | None = None,
 ) -> None:
-    """Write adapter ``adapter_name`` (default: the active one) as a HF PEFT LoRA directory.
+    """Write adapter ``adapter_name`` (default: the active one) as a HF PEFT LoRA directory
+    (a SHiRA adapter as a PEFT SHiRA directory: see ``methods.shira.export_peft_shira``).
 
     ``peft.PeftModel.from_pretrained(base, save_directory)`` then gives the same outputs as
     ``model`` with that adapter active.  Raises :class:`LavaConfigError` (before writing
@@ -82,6 +83,10 @@ def export_peft(
     name = adapter_name or model.active_adapter
     model._check_known(name)
     config = model.peft_config[name]
+    if config.method == "shira":  # PEFT has SHiRA too: its own format
+        from .methods.shira import export_peft_shira
+
+        return export_peft_shira(model, save_directory, name, base_model_name_or_path)
     codec = _CODECS.get(config.method)
     if codec is None:
         raise LavaConfigError(

@@ -21,7 +21,10 @@ GPT-2 ``Conv1D``                 ``(in, out)``         transpose
 * *factored path* — ``y = f(x; W0) + adapter(x)``, e.g. ``x V^T U^T s`` for low rank,
   never materialising ``ΔW`` (best for Linear/Embedding).
 
-Merging adds ``ΔW`` into the base weight in place; unmerging subtracts it.
+Merging adds ``ΔW`` into the base weight in place; unmerging subtracts it.  Low-rank
+adapters do it with one ``addmm`` on their factors, sparse adapters (an optional
+``sparse_delta() -> (flat canonical indices, values)``, e.g. SHiRA) with one
+``index_add_``/``index_put_`` of their values, others through ``delta_weight()``.
 """
 
 from __future__ import annotations
@@ -99,8 +102,10 @@ class GPT2Conv1DOps(LayerOps):
         return delta.T
 
     def forward_with_weight(self, layer, x, weight, with_bias=True):
-        out = x @ weight
-        return out + layer.bias if with_bias and layer.bias is not None else out
+        if with_bias and layer.bias is not None:  # the op Conv1D itself runs, so W0 + 0 gives its exact output
+            out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), weight)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return x @ weight
 
 
 class ConvOps(LayerOps):
@@ -150,6 +155,24 @@ SUPPORTED_LAYER_TYPES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embeddin
 
 
 # --------------------------------------------------------------------------- the wrapper
+def _scatter_add_(canonical: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
+    """``canonical.reshape(-1)[indices] += alpha·values`` in place (``canonical`` may be a transposed view).
+
+    Contiguous: ``index_add_`` on the flat view; otherwise ``index_put_(accumulate=True)`` at the
+    unravelled coordinates.  Only ``len(indices)``-sized temporaries are made.
+    """
+    values = values.detach().to(device=canonical.device, dtype=canonical.dtype)
+    indices = indices.to(canonical.device)
+    if canonical.is_contiguous():
+        canonical.view(-1).index_add_(0, indices, values, alpha=alpha)
+    else:
+        coords, rest = [], indices.long()
+        for size in reversed(canonical.shape):  # unravel (row-major); torch.unravel_index needs torch >= 2.2
+            coords.append(rest % size)
+            rest = rest // size
+        canonical.index_put_(tuple(reversed(coords)), values if alpha == 1.0 else values * alpha, accumulate=True)
+
+
 def _wants_weight_path(adapter: nn.Module, x, layer: nn.Module) -> bool:
     choose = getattr(adapter, "uses_weight_path_for", None)
     return choose(x, layer) if choose is not None else adapter.uses_weight_path()
@@ -286,19 +309,35 @@ class AdaptedLayer(nn.Module):
         flat = factors.flattened()
         return flat.up.to(weight.dtype), flat.modes[0].to(weight.dtype)
 
+    def _sparse_delta(self, name: str):
+        """``(flat indices, values)`` with ``ΔW.reshape(-1)[indices] = values`` (canonical layout) for an
+        adapter whose increment is sparse (it defines ``sparse_delta()``); or None."""
+        get = getattr(self.adapters[name], "sparse_delta", None)
+        return get() if get is not None else None
+
     def _check_finite(self, name: str) -> None:
-        fused = self._fused_factors(name)
-        tensors = fused if fused is not None else (self.adapters[name].delta_weight(),)
+        tensors = self._fused_factors(name)
+        if tensors is None:
+            sparse = self._sparse_delta(name)
+            tensors = (sparse[1],) if sparse is not None else (self.adapters[name].delta_weight(),)
         if not all(torch.isfinite(t).all() for t in tensors):
             raise LavaError(f"adapter {name!r} has non-finite values; refusing to merge it into the base weight")
 
     def _add_delta_(self, name: str, alpha: float, source: torch.Tensor | None = None) -> None:
-        """``W ← (source or W) + alpha·ΔW_name`` in place; low-rank factors go through one ``addmm``
-        (no ``ΔW`` temporary), other methods through ``delta_weight()``."""
+        """``W ← (source or W) + alpha·ΔW_name`` in place; low-rank factors go through one ``addmm``,
+        sparse increments through one scatter-add of their values (no ``ΔW`` temporary either way),
+        other methods through ``delta_weight()``."""
         weight = self.base_weight.data
         fused = self._fused_factors(name)
         if fused is not None:
             self._addmm_factors_(fused[0], fused[1], alpha, source)
+            return
+        sparse = self._sparse_delta(name)
+        if sparse is not None:
+            if source is not None:
+                weight.copy_(source)
+            # the layout maps are transposes (their own inverses): this is W seen in the canonical layout
+            _scatter_add_(self.ops.to_base_layout(weight), sparse[0], sparse[1], alpha)
             return
         delta = self.delta_in_base_layout(name)
         if source is None:

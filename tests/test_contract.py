@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import lava_peft as lp
+from lava_peft import ShiraConfig
 
 
 class GPT2Conv1D(nn.Module):
@@ -52,6 +53,8 @@ CONFIGS = {
     "lava_rslora_uniform": lambda: lp.LavaConfig(
         r=3, alpha=2, target_modules=["0"], use_rslora=True, spatial_init="uniform", rank_pattern={"0": 1}
     ),
+    "shira_random": lambda: ShiraConfig(r=2, target_modules=["0"]),
+    "shira_struct_density": lambda: ShiraConfig(density=0.3, alpha=0.5, mask_type="struct", target_modules=["0"]),
 }
 
 ROWS = [(m, layer) for m in CONFIGS for layer in LAYERS]

@@ -10,7 +10,9 @@ import lava_peft as lp
 from test_contract import CONFIGS, LAYERS
 from _tiny_models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
-OTHER = {"lora": "lava", "lava": "lora", "lava_loranit_all": "lora", "lava_rslora_uniform": "lava_loranit_all"}
+# the second adapter of each mixed batch (default: LoRA)
+OTHER = {"lora": "lava", "lava": "lora", "lava_loranit_all": "lora", "lava_rslora_uniform": "lava_loranit_all",
+         "shira_struct_density": "shira_random"}
 
 
 def _reference(model, x, names):
@@ -33,7 +35,7 @@ def test_mixed_batch_equals_per_sample_runs(method, layer):
     torch.manual_seed(0)
     make_layer, make_input = LAYERS[layer]
     model = lp.adapt(nn.Sequential(make_layer()), CONFIGS[method](), "a")
-    model.add_adapter("b", CONFIGS[OTHER[method]]())
+    model.add_adapter("b", CONFIGS[OTHER.get(method, "lora")]())
     randomize_adapters(model)
     model.eval()
     x = torch.cat([make_input(), make_input(), make_input()])[:5]

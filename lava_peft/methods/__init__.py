@@ -4,5 +4,7 @@ from .base import DeltaAdapter
 from .dense_delta import DenseDeltaAdapter, DenseDeltaConfig
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
+from .shira import ShiraAdapter, ShiraConfig, SparseDeltaAdapter
 
-__all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig"]
+__all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig",
+           "ShiraAdapter", "ShiraConfig", "SparseDeltaAdapter"]

@@ -1,0 +1,483 @@
+"""SHiRA — Sparse High Rank Adapters (Bhardwaj et al., NeurIPS 2024; arXiv 2406.13175).
+
+Fine-tune a fixed sparse subset ``M`` of the existing weight entries::
+
+    W' = W + α·S,      supp(S) ⊆ M,      |M| = budget
+
+``S`` is stored as a :class:`SparseDeltaAdapter`: a trainable fp32 **value vector**
+``v ∈ R^budget`` (zeros at init, so ``ΔW = 0``) and a fixed **flat-index buffer**
+``idx`` (sorted, unique; int32, or int64 for weights with ≥ 2³¹ entries) into the
+canonical layout ``(O, I, K1, …, KN)``::
+
+    ΔW.reshape(-1)[idx[j]] = α·v[j],      ΔW = 0 elsewhere.
+
+The optimizer state therefore covers only ``v``; both tensors are the adapter's state
+dict, i.e. its content in ``adapter_model.safetensors`` (``<module>.sparse_values``,
+``<module>.sparse_indices``), and a file whose indices are not a valid mask is refused.
+
+* **Budget** per layer (first that applies): ``budget_pattern[module]`` entries exactly;
+  ``round(density · O·I·ΠK)``; else ``r·(O + I·ΠK)`` — the parameter count of LoRA-``r``
+  (HF PEFT's convention).  ``α`` is ``alpha`` (no ``/r``: the paper's lemma shows no rank
+  scale is needed; ``α = 1`` for training, any ``α`` at inference).
+* **Mask** ``M``: the top ``budget`` scores of the registered builder ``mask_type``
+  (:mod:`lava_peft.methods.sparse_masks`: ``random``, ``struct``, ``weight_magnitude``,
+  ``grad``, ``snip``), in slot ``mask_slot`` (slot ``k`` = the ``k``-th next budget by
+  score: non-overlapping masks for several adapters).  ``random`` and ``struct`` are
+  built from the layer shape and ``seed`` alone; the others need the model — build them
+  first with :func:`with_masks` (calibration batches for ``grad``/``snip``), which fills
+  ``config.masks``; ``add_adapter`` then only reads them (plan, then commit).
+* **Forward**: the weight path (one op with ``W0 + ΔW``), which serves Linear, Conv,
+  GPT-2 ``Conv1D`` and Embedding alike; with input dropout active (training, ``dropout >
+  0``) the increment runs as a separate op on the dropped input.
+* **Merge / switch**: :meth:`SparseDeltaAdapter.sparse_delta` lets
+  :class:`~lava_peft.layers.AdaptedLayer` add ``α·v`` into the base weight in place by
+  ``index_add_`` / ``index_put_(accumulate=True)`` — no dense ``ΔW`` is formed.
+* **Combination**: ``add_weighted_adapter(..., combination_type="linear")`` over SHiRA
+  adapters gives a SHiRA adapter on the union of the supports (exact weighted sum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, _pattern_lookup, register_method
+from ..errors import AdapterFileError, LavaConfigError, LavaError
+from ..layers import LayerSpec
+from .base import DeltaAdapter, _dropout_active
+from .sparse_masks import MaskInputs, calibration_gradients, mask_builder, select_top
+
+SAVED_MASKS = "saved"
+"""``ShiraConfig.masks`` of a config read from a file: the indices are in the adapter file."""
+
+_INT32_LIMIT = 2**31 - 1
+
+
+# =============================================================================== config
+@dataclass
+class ShiraConfig(AdapterConfig):
+    """SHiRA: train ``budget`` fixed entries of each targeted weight (see the module docstring).
+
+    Args:
+        r: budget ``r·(O + I·ΠK)`` entries per layer (LoRA-``r``'s parameter count);
+            ``rank_pattern`` overrides it per module.  Default 32 (HF PEFT's).
+        alpha: ``α`` in ``W + α·S`` (not divided by ``r``); ``alpha_pattern`` per module.
+        density: if set, the budget is ``round(density · numel)`` instead (``0 < density ≤ 1``).
+        budget_pattern: ``{module: entries}`` exact per-module budgets (name, suffix or
+            regex keys, like ``rank_pattern``); overrides ``r`` and ``density``.
+        mask_type: a registered mask builder (``sparse_masks.registered_masks()``).
+        seed: seeds the ``random`` mask (``randperm(numel)[:budget]``, as HF PEFT's
+            ``random_mask`` with ``random_seed=seed``: layers of equal shape share a pattern).
+        mask_slot: ``k`` takes the entries ranked ``[k·budget, (k+1)·budget)`` by score, so
+            adapters with slots ``0, 1, …`` (equal budgets) have disjoint masks.
+        masks: ``{module path: tensor}`` precomputed per layer — a floating score tensor of
+            the canonical shape (``mask_slot`` then applies), or an explicit mask: a bool
+            tensor of the canonical shape or 1-D integer flat indices, with exactly
+            ``budget`` entries.  :func:`with_masks` fills it.  Not written to JSON; a config
+            read from a file has ``masks="saved"`` (the indices come from the adapter file).
+    """
+
+    r: int = 32
+    alpha: float = 1.0
+    density: float | None = None
+    budget_pattern: dict[str, int] = field(default_factory=dict)
+    mask_type: str = "random"
+    seed: int = 0
+    mask_slot: int = 0
+    masks: Any = field(default=None, compare=False, repr=False)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.masks != SAVED_MASKS:  # a saved adapter loads whatever builder made its indices
+            mask_builder(self.mask_type)
+        if self.use_rslora:
+            raise LavaConfigError("ShiraConfig: SHiRA has no rank-dependent scale (α is used as is); drop use_rslora")
+        alphas = [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]
+        for name, value in alphas:
+            if not _is_number(value) or not math.isfinite(value):
+                raise LavaConfigError(f"ShiraConfig.{name} must be a finite number; got {value!r}")
+        if self.density is not None and not (_is_number(self.density) and 0 < self.density <= 1):
+            raise LavaConfigError(
+                f"ShiraConfig.density must be a fraction in (0, 1] (e.g. 0.01 for 1% of each weight); "
+                f"got {self.density!r}"
+            )
+        for key, value in self.budget_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise LavaConfigError(f"ShiraConfig.budget_pattern[{key!r}] must be a positive integer; got {value!r}")
+        for name in ("seed", "mask_slot"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LavaConfigError(f"ShiraConfig.{name} must be a non-negative integer; got {value!r}")
+        masks = self.masks
+        if masks is not None and masks != SAVED_MASKS:
+            if not isinstance(masks, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in masks.items()
+            ):
+                raise LavaConfigError(
+                    "ShiraConfig.masks must map module paths to tensors (scores, a bool mask or flat indices); "
+                    "build it with lava_peft.methods.shira.with_masks(model, config, ...)"
+                )
+
+    def scale_for(self, module_name: str) -> float:
+        """``α`` itself: SHiRA's increment is ``α·S`` (no ``/r``)."""
+        return float(self.alpha_for(module_name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; the masks are not JSON: the saved adapter file holds the indices (``masks="saved"``)."""
+        return {**super().to_dict(), "masks": SAVED_MASKS}
+
+    def mask_for(self, module_name: str) -> torch.Tensor | None:
+        """The precomputed tensor of ``masks`` for this module (exact path first, then patterns), or ``None``."""
+        if not isinstance(self.masks, dict):
+            return None
+        if module_name in self.masks:
+            return self.masks[module_name]
+        return _pattern_lookup(self.masks, module_name, None)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shira_budget(spec: LayerSpec, config: ShiraConfig, module_name: str) -> int:
+    """Number of trainable entries of this layer (raises :class:`LavaConfigError` if it cannot fit)."""
+    shape = spec.canonical_shape
+    numel = math.prod(shape)
+    fan_in = numel // spec.out_dim
+    exact = _pattern_lookup(config.budget_pattern, module_name, None)
+    if exact is not None:
+        budget, how, fix = exact, f"budget_pattern gives {exact}", f"lower budget_pattern for {module_name!r}"
+    elif config.density is not None:
+        budget = round(config.density * numel)
+        how, fix = f"density={config.density} of {numel}", "raise density"
+        if budget < 1:
+            raise LavaConfigError(
+                f"SHiRA density={config.density} keeps no entry of {module_name} (weight {shape}, {numel} entries); "
+                f"raise density to at least {1 / numel:.3g} or set budget_pattern={{'{module_name}': <entries>}}"
+            )
+    else:
+        r = config.rank_for(module_name)
+        budget = r * (spec.out_dim + fan_in)
+        how = f"r·(O + I·ΠK) = {r}·({spec.out_dim} + {fan_in})"
+        limit = numel // (spec.out_dim + fan_in)
+        fix = (f"lower r to at most {limit} (or set rank_pattern={{'{module_name}': {limit}}})" if limit
+               else f"use density=<fraction> or budget_pattern={{'{module_name}': <entries>}}")
+    if budget > numel:
+        raise LavaConfigError(
+            f"SHiRA budget for {module_name} is {budget} entries ({how}) but its weight {shape} has only {numel}; {fix}"
+        )
+    return budget
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 flat indices where they fit (half the bytes of int64), else int64."""
+    return torch.int32 if numel <= _INT32_LIMIT else torch.int64
+
+
+def index_problem(indices: torch.Tensor, numel: int) -> str | None:
+    """Why ``indices`` is not a valid sparse support of a ``numel``-entry weight (or ``None``).
+
+    Valid: a 1-D integer tensor, strictly increasing (sorted and unique), in ``[0, numel)``.
+    """
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        return f"has dtype {indices.dtype}, not an integer type"
+    if indices.dim() != 1:
+        return f"has shape {tuple(indices.shape)}, not 1-D"
+    if indices.numel() == 0:
+        return None
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= numel:
+        return f"has entries in [{lo}, {hi}], outside [0, {numel})"
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        return "is not strictly increasing (indices must be sorted and unique)"
+    return None
+
+
+# =============================================================================== the sparse delta
+class SparseDeltaAdapter(DeltaAdapter):
+    """A sparse ``ΔW``: values ``v`` (fp32, trainable) at fixed flat indices ``idx`` of ``(O, I, *K)``.
+
+    ``ΔW.reshape(-1)[idx] = scale·v``.  Subclasses (SHiRA; sparse fine-tuning masks in
+    general) only decide the indices.  ``indices=None`` builds a placeholder of ``budget``
+    entries that must be loaded from a file before use (``load_adapter``).
+    """
+
+    def __init__(self, spec: LayerSpec, config, module_name: str, indices: torch.Tensor | None, budget: int):
+        super().__init__(spec, config, module_name)
+        self.module_name = module_name
+        self._numel = math.prod(spec.canonical_shape)
+        self._awaiting_file = indices is None
+        if indices is None:
+            indices = torch.arange(budget)
+        self.sparse_values = nn.Parameter(torch.zeros(indices.numel()))
+        self.register_buffer("sparse_indices", indices.to(index_dtype(self._numel)).contiguous())
+
+    # -- protocol ---------------------------------------------------------------
+    def _ready(self) -> None:
+        if self._awaiting_file:
+            raise LavaError(
+                f"the sparse adapter on {self.module_name} was built from a saved config (masks='saved') but its "
+                "indices were never loaded; load it with model.load_adapter(dir), or give the config masks=None / "
+                "masks=with_masks(...) to build new ones"
+            )
+
+    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idx, scale·v)``: ``ΔW.reshape(-1)[idx] = scale·v`` in the canonical layout (merge / combine hook)."""
+        self._ready()
+        return self.sparse_indices, self.sparse_values * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ``ΔW``: ``zeros(numel).index_add(0, idx, v, alpha=scale)`` (its gradient w.r.t. ``v`` is
+        ``∂L/∂ΔW`` gathered at ``idx``, times ``scale``)."""
+        self._ready()
+        flat = self.sparse_values.new_zeros(self._numel)
+        flat = flat.index_add(0, self.sparse_indices, self.sparse_values, alpha=self.scale)
+        return flat.view(self.spec.canonical_shape)
+
+    def uses_weight_path(self) -> bool:
+        """One op with ``W0 + ΔW`` on every layer type; a separate op only while input dropout is active."""
+        return self.spec.kind == "embedding" or not _dropout_active(self)
+
+    def max_rank(self) -> int:  # pragma: no cover - informational
+        return min(self.spec.out_dim, self._numel // self.spec.out_dim)
+
+    # -- files ------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse an index buffer that is not a valid support (dtype, order, range, size) before copying it."""
+        key = prefix + "sparse_indices"
+        incoming = state_dict.get(key)
+        if incoming is not None:
+            problem = index_problem(incoming, self._numel)
+            if problem is None and incoming.shape != self.sparse_indices.shape:
+                problem = f"has {incoming.numel()} entries where the config gives {self.sparse_indices.numel()}"
+            if problem is not None:
+                raise AdapterFileError(
+                    f"{self.module_name}.sparse_indices {problem}; it is not a valid mask of the weight "
+                    f"{self.spec.canonical_shape}. The adapter file is corrupt or was edited"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if incoming is not None:
+            self._awaiting_file = False
+
+    def extra_repr(self) -> str:
+        return f"entries={self.sparse_values.numel()}, of={self._numel}, scale={self.scale}"
+
+
+# =============================================================================== SHiRA
+def _indices_from_given(given: torch.Tensor, spec: LayerSpec, budget: int, slot: int, name: str) -> torch.Tensor:
+    """Flat indices from a precomputed score tensor, bool mask or index list (checked)."""
+    shape = spec.canonical_shape
+    numel = math.prod(shape)
+    if given.is_floating_point():
+        if tuple(given.shape) != shape:
+            raise LavaConfigError(
+                f"masks[{name!r}] scores have shape {tuple(given.shape)}; give them in the canonical layout {shape} "
+                "(GPT-2 Conv1D / Embedding weights are stored transposed)"
+            )
+        return select_top(given, budget, slot)
+    if given.dtype == torch.bool:
+        if tuple(given.shape) != shape:
+            raise LavaConfigError(f"masks[{name!r}] bool mask has shape {tuple(given.shape)}; expected {shape}")
+        indices = torch.nonzero(given.reshape(-1)).flatten()
+    else:
+        indices = given.detach().reshape(-1).long().cpu()
+        problem = index_problem(given.detach().cpu(), numel)
+        if problem is not None:
+            raise LavaConfigError(f"masks[{name!r}] flat indices {problem}; give sorted unique indices into {shape}")
+    if indices.numel() != budget:
+        raise LavaConfigError(
+            f"masks[{name!r}] selects {indices.numel()} entries but the budget of {name} is {budget}; set "
+            f"budget_pattern={{'{name}': {indices.numel()}}} or change the mask"
+        )
+    return indices.cpu()
+
+
+def shira_indices(spec: LayerSpec, config: ShiraConfig, module_name: str, budget: int) -> torch.Tensor | None:
+    """The sorted flat indices of this layer's mask (``budget`` of them), or ``None`` when they are to be
+    loaded from a file."""
+    given = config.mask_for(module_name)
+    if given is not None:
+        return _indices_from_given(given, spec, budget, config.mask_slot, module_name)
+    if config.masks == SAVED_MASKS:
+        return None
+    builder = mask_builder(config.mask_type)
+    if builder.needs:
+        raise LavaConfigError(
+            f"mask_type={config.mask_type!r} needs the model's {' and '.join(builder.needs)}; build the masks first: "
+            "config = lava_peft.methods.shira.with_masks(model, config"
+            + (", batches=..., loss_fn=...)" if "grad" in builder.needs else ")")
+            + ", then add_adapter(name, config)"
+        )
+    scores = builder.scores(MaskInputs(spec.canonical_shape, budget, config.seed))
+    return select_top(scores, budget, config.mask_slot)
+
+
+class ShiraAdapter(SparseDeltaAdapter):
+    """SHiRA on one layer: the mask comes from the config (see :func:`shira_indices`)."""
+
+    def __init__(self, spec: LayerSpec, config: ShiraConfig, module_name: str):
+        budget = shira_budget(spec, config, module_name)
+        super().__init__(spec, config, module_name, shira_indices(spec, config, module_name, budget), budget)
+
+    @classmethod
+    def check_layer(cls, spec: LayerSpec, config: ShiraConfig, module_name: str) -> None:
+        budget = shira_budget(spec, config, module_name)
+        numel = math.prod(spec.canonical_shape)
+        needed = (config.mask_slot + 1) * budget
+        if needed > numel and config.mask_for(module_name) is None and config.masks != SAVED_MASKS:
+            raise LavaConfigError(
+                f"SHiRA mask_slot={config.mask_slot} on {module_name} needs {needed} entries "
+                f"((slot+1)·budget) but the weight {spec.canonical_shape} has {numel}; lower mask_slot or the budget"
+            )
+
+
+# =============================================================================== masks from the model
+def with_masks(model: nn.Module, config: ShiraConfig, batches=None, loss_fn=None) -> ShiraConfig:
+    """``config`` with ``masks`` filled for every layer it targets, from the model's current weights.
+
+    ``random``/``struct`` need nothing; ``weight_magnitude`` reads ``W``; ``grad``/``snip``
+    accumulate ``|∇W|`` over ``batches`` with ``loss_fn(model, batch) -> loss``
+    (:func:`~lava_peft.methods.sparse_masks.calibration_gradients`; the model is left as it
+    was).  ``model`` is the base model or an :class:`~lava_peft.AdaptedModel` (then the
+    base weights of adapted layers are used, as they are — merged adapters included).
+    The result is passed to ``adapt``/``add_adapter`` unchanged.
+    """
+    from ..inject import find_targets
+    from ..layers import AdaptedLayer, layer_ops
+    from ..model import AdaptedModel
+
+    config.validate()
+    builder = mask_builder(config.mask_type)
+    root = model.model if isinstance(model, AdaptedModel) else model
+    layers = []
+    for path, found in find_targets(root, config):
+        base = found.base_layer if isinstance(found, AdaptedLayer) else found
+        ops = layer_ops(base)
+        spec = ops.spec(base)
+        ShiraAdapter.check_layer(spec, config, path)
+        layers.append((path, base, ops, spec, shira_budget(spec, config, path)))
+    grads = {}
+    if "grad" in builder.needs:
+        if batches is None or loss_fn is None:
+            raise LavaConfigError(
+                f"mask_type={config.mask_type!r} needs calibration gradients: pass batches=<iterable of batches> "
+                "and loss_fn=<callable(model, batch) -> loss>"
+            )
+        grads = calibration_gradients(model, batches, loss_fn, {path: base.weight for path, base, *_ in layers})
+    masks = {}
+    for path, base, ops, spec, budget in layers:
+        # the layer maps are transposes (their own inverses): to_base_layout also maps base -> canonical
+        weight = ops.to_base_layout(base.weight.detach()).float() if "weight" in builder.needs else None
+        grad = ops.to_base_layout(grads[path]) if path in grads else None
+        scores = builder.scores(MaskInputs(spec.canonical_shape, budget, config.seed, weight, grad))
+        masks[path] = select_top(scores, budget, config.mask_slot).cpu()
+    return dataclasses.replace(config, masks=masks)
+
+
+# =============================================================================== combination
+class ShiraSparseCodec:
+    """Builds the exact ``"linear"`` combination of SHiRA adapters as a SHiRA adapter (see ``combine.py``)."""
+
+    def result_config(self, input_configs: list[ShiraConfig], supports: dict[str, torch.Tensor]) -> ShiraConfig:
+        """A SHiRA config (``α = 1``) whose mask on each layer is exactly ``supports[path]``."""
+        first = next(c for c in input_configs if isinstance(c, ShiraConfig))
+        saved = []
+        for cfg in input_configs:
+            saved.extend(s for s in cfg.modules_to_save or [] if s not in saved)
+        return ShiraConfig(
+            target_modules="(?:" + "|".join(re.escape(p) for p in supports) + ")",
+            modules_to_save=saved or None,
+            r=first.r,
+            alpha=1.0,
+            budget_pattern={f"^{re.escape(p)}$": int(s.numel()) for p, s in supports.items()},
+            mask_type=first.mask_type,
+            seed=first.seed,
+            masks={p: s for p, s in supports.items()},
+        )
+
+    def write(self, adapter: SparseDeltaAdapter, values: torch.Tensor) -> None:
+        """Set the adapter's values so that ``scale·v = values`` (its indices are the support)."""
+        adapter.sparse_values.copy_(values / adapter.scale)
+
+
+# =============================================================================== HF PEFT export
+def export_peft_shira(model, save_directory: str, adapter_name: str | None = None,
+                      base_model_name_or_path: str | None = None) -> None:
+    """Write SHiRA adapter ``adapter_name`` as a HF PEFT (0.21) SHiRA directory.
+
+    PEFT stores per module ``base_model.model.<path>.shira_weight`` (the values, scale 1) and
+    ``shira_indices`` (``(2, nnz)`` int32 rows/columns, row-major — our sorted flat indices
+    unravelled); ``α`` is folded into the values.  PEFT sizes every layer as ``r·(m + n)``
+    with one ``r`` and adapts only ``nn.Linear``, so other layers, per-module budgets and
+    ``modules_to_save`` are refused (before anything is written).
+    """
+    from ..inject import adapted_layers
+    from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json
+    from ..layers import LinearOps
+
+    name = adapter_name or model.active_adapter
+    model._check_known(name)
+    config = model.peft_config[name]
+    if config.method != "shira":
+        raise LavaConfigError(f"adapter {name!r} is a {config.method!r} adapter; export_peft_shira exports SHiRA only")
+    if config.modules_to_save:
+        raise LavaConfigError(f"adapter {name!r} has modules_to_save {config.modules_to_save}; the PEFT SHiRA export "
+                              "does not carry them")
+    tensors, ranks = {}, {}
+    for path, layer in adapted_layers(model.model):
+        if name not in layer.adapters:
+            continue
+        if type(layer.ops) is not LinearOps or type(layer.base_layer) is not nn.Linear:
+            raise LavaConfigError(f"{path} is a {type(layer.base_layer).__name__}; PEFT SHiRA adapts nn.Linear only")
+        adapter = layer.adapters[name]
+        indices, values = adapter.sparse_delta()
+        per_rank = layer.spec.out_dim + layer.spec.in_dim
+        if indices.numel() % per_rank:
+            raise LavaConfigError(f"{path} has {indices.numel()} entries, not r·(O + I) = r·{per_rank}; PEFT SHiRA "
+                                  "sizes every layer by r")
+        ranks[path] = indices.numel() // per_rank
+        flat = indices.long().cpu()
+        rows, cols = flat // layer.spec.in_dim, flat % layer.spec.in_dim
+        tensors[f"base_model.model.{path}.shira_weight"] = values.detach().float().cpu()
+        tensors[f"base_model.model.{path}.shira_indices"] = torch.stack([rows, cols]).to(torch.int32)
+    if len(set(ranks.values())) != 1:
+        raise LavaConfigError(f"adapter {name!r} has per-layer budgets (r = {sorted(set(ranks.values()))}); PEFT "
+                              "SHiRA has one r for every layer")
+    peft_config = {
+        "peft_type": "SHIRA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": next(iter(ranks.values())),
+        "mask_type": "random",  # PEFT builds a random mask, then loads the saved indices over it
+        "random_seed": config.seed,
+        "target_modules": "(?:" + "|".join(re.escape(p) for p in ranks) + ")",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "modules_to_save": None,
+    }
+    out = Path(save_directory)
+    atomic_save_safetensors(tensors, out / WEIGHTS_NAME, {"format": "pt"})
+    atomic_write_json(out / CONFIG_NAME, peft_config)
+
+
+def _register() -> None:
+    register_method("shira", ShiraConfig, ShiraAdapter)
+    from ..combine import register_sparse_codec
+
+    register_sparse_codec("shira", ShiraSparseCodec())
+
+
+_register()
+
+__all__ = ["SAVED_MASKS", "ShiraAdapter", "ShiraConfig", "SparseDeltaAdapter", "export_peft_shira", "shira_budget",
+           "shira_indices", "with_masks"]
