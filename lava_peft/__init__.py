@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .layers import BASE_NAME, AdaptedLayer
-from .methods import DeltaAdapter, LavaConfig, LoraConfig, ShiraConfig
+from .methods import DeltaAdapter, DyLoraConfig, LavaConfig, LoraConfig, LowBitConfig, ShiraConfig
 from .model import AdaptedModel, adapt
 from .train import Trainer, TrainingArguments, set_seed
 from .methods.dense_delta import DenseDeltaConfig
@@ -34,11 +34,13 @@ __all__ = [
     "AdapterNameError",
     "BASE_NAME",
     "DeltaAdapter",
+    "DyLoraConfig",
     "IncompatibleBaseModelError",
     "LavaConfig",
     "LavaConfigError",
     "LavaError",
     "LoraConfig",
+    "LowBitConfig",
     "ShiraConfig",
     "TargetModulesError",
     "Trainer",

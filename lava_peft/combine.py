@@ -261,11 +261,17 @@ def register_sparse_codec(method: str, codec: SparseCodec) -> None:
 
 
 def method_of(adapter) -> str | None:
-    """The registered method name of an adapter instance."""
+    """The registered method name of an adapter instance.
+
+    The most-derived registered class in the instance's MRO wins: methods such as DyLoRA
+    and low-bit register one class that builds a concrete LoRA- or LAVA-based subclass,
+    which must map to ``"dylora"`` / ``"lowbit"``, not to ``"lora"``.
+    """
     cls = type(adapter)
     method = _METHOD_OF_TYPE.get(cls)
     if method is None:
-        method = next((m for m in registered_methods() if adapter_class(m) is cls), None)
+        registered = {adapter_class(m): m for m in registered_methods()}
+        method = next((registered[c] for c in cls.__mro__ if c in registered), None)
         if method is not None:
             _METHOD_OF_TYPE[cls] = method
     return method

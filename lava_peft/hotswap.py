@@ -164,7 +164,14 @@ def _plan_layer_write(path, old, new, adapter_name, model_id):
     for k, v in old_state.items():
         if new_state[k].shape != v.shape:
             raise LavaConfigError(f"{path}.{k}: shape {tuple(new_state[k].shape)} differs from the loaded {tuple(v.shape)}")
-    return lambda: [old_state[k].copy_(new_state[k]) for k in old_state]
+    return lambda: _load_in_place(old, new_state)
+
+
+@torch.no_grad()
+def _load_in_place(adapter, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` copies into the existing tensors (storage kept: no recompilation), and lets
+    an adapter whose file tensors derive from its parameters (low-bit codes) restore them itself."""
+    adapter.load_state_dict(state)
 
 
 def _plan_saved_writes(model, adapter_name, tensors, model_id):

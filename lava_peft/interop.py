@@ -87,6 +87,11 @@ def export_peft(
         from .methods.shira import export_peft_shira
 
         return export_peft_shira(model, save_directory, name, base_model_name_or_path)
+    if config.method == "dylora":
+        raise LavaConfigError(
+            f"adapter {name!r} is a DyLoRA adapter (every rank at once); HF PEFT has no DyLoRA. Export it at one "
+            "rank b: lava_peft.methods.dylora.save_at_rank(model, b, directory, peft=True)"
+        )
     codec = _CODECS.get(config.method)
     if codec is None:
         raise LavaConfigError(

@@ -533,6 +533,19 @@ class AdaptedModel(nn.Module):
         if not is_trainable:
             self._inference_only.add(adapter_name)
         self._commit(plan)
+        self.load_adapter_tensors(adapter_name, tensors, layers=False)
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], layers: bool = True) -> None:
+        """Load file tensors (keys as in :meth:`adapter_state_dict`) into the existing adapter, in place.
+
+        Goes through each module's ``load_state_dict``, so an adapter whose file tensors are
+        derived from its parameters (e.g. low-bit packed codes) restores them itself.  The
+        caller checks keys and shapes first (``io.check_tensors_match``).
+        """
+        if layers:
+            for path, adapter in self.adapter_layers(adapter_name):
+                adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
         for path, wrapper in saved_module_wrappers(self.model):
             if adapter_name in wrapper.copies:
                 copy = wrapper.copies[adapter_name]

@@ -53,6 +53,25 @@ CONFIGS = {
     "lava_rslora_uniform": lambda: lp.LavaConfig(
         r=3, alpha=2, target_modules=["0"], use_rslora=True, spatial_init="uniform", rank_pattern={"0": 1}
     ),
+    "dylora_lora": lambda: lp.DyLoraConfig(r=3, alpha=4, target_modules=["0"]),
+    "dylora_lora_frozen_global": lambda: lp.DyLoraConfig(
+        r=3, r_min=2, alpha=2, target_modules=["0"], update="frozen", rank_sampling="global", init="gaussian"
+    ),
+    "dylora_lava": lambda: lp.DyLoraConfig(r=3, alpha=4, target_modules=["0"], factorization="lava"),
+    "dylora_lava_frozen_all": lambda: lp.DyLoraConfig(
+        r=3, alpha=3, target_modules=["0"], factorization="lava", update="frozen", init="lora", orth_factors="all",
+        use_rslora=True, eval_rank=2
+    ),
+    "lowbit_lora_1bit": lambda: lp.LowBitConfig(r=2, alpha=4, target_modules=["0"]),
+    "lowbit_lava_2bit": lambda: lp.LowBitConfig(r=2, alpha=4, bits=2, factorization="lava", target_modules=["0"]),
+    "lowbit_lava_1bit_rslora_uniform": lambda: lp.LowBitConfig(
+        r=3, alpha=2, factorization="lava", use_rslora=True, spatial_init="uniform", rank_pattern={"0": 1},
+        target_modules=["0"]
+    ),
+    "lowbit_lava_loranit_3bit_up_latent": lambda: lp.LowBitConfig(
+        r=2, alpha=3, bits=3, factorization="lava", factor_init="lora", quantize="up", keep_latent=True,
+        orth_lambda=0.1, orth_factors="all", target_modules=["0"]
+    ),
     "shira_random": lambda: ShiraConfig(r=2, target_modules=["0"]),
     "shira_struct_density": lambda: ShiraConfig(density=0.3, alpha=0.5, mask_type="struct", target_modules=["0"]),
 }

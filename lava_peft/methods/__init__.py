@@ -2,9 +2,11 @@
 
 from .base import DeltaAdapter
 from .dense_delta import DenseDeltaAdapter, DenseDeltaConfig
+from .dylora import DyLoraAdapter, DyLoraConfig
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
+from .lowbit import LowBitAdapter, LowBitConfig
 from .shira import ShiraAdapter, ShiraConfig, SparseDeltaAdapter
 
-__all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig",
+__all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "DyLoraAdapter", "DyLoraConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig", "LowBitAdapter", "LowBitConfig",
            "ShiraAdapter", "ShiraConfig", "SparseDeltaAdapter"]

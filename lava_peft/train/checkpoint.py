@@ -82,6 +82,13 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
     for key, dst in state.items():
         if dst.shape != tensors[key].shape:
             raise LavaError(f"checkpoint {directory}: {key} has shape {tuple(tensors[key].shape)}, model {tuple(dst.shape)}")
+    if isinstance(model, AdaptedModel):
+        # through each module's load_state_dict: an adapter whose file tensors are derived from its
+        # parameters (low-bit: packed codes) restores them itself, where copying into
+        # adapter_state_dict()'s fresh tensors would silently change nothing
+        model.load_adapter_tensors(name, tensors)
+        return
+    for key, dst in state.items():
         dst.copy_(tensors[key])
 
 

@@ -1,0 +1,565 @@
+"""DyLoRA (Valipour et al., EACL 2023): train once for every rank ``b ∈ [r_min, r]``, truncate later.
+
+The adapter holds the factors of a rank-``r`` LoRA (``factorization="lora"``) or LAVA
+(``factorization="lava"``) adapter.  Each training step draws ``b ~ U{r_min, …, r}``
+and uses only the first ``b`` components, with a rank-dependent scale::
+
+    h = W0 x + (α/b) · U[:, :b] V[:b] x                       (Linear / Embedding / flattened conv)
+    ΔW_b[o, i, k1..kN] = (α/b) Σ_{j<b} U[o,j] V[j,i] P1[j,k1] ··· PN[j,kN]   (LAVA conv, CP)
+
+(``α/√b`` with ``use_rslora``.)  So component ``j`` is trained to be useful on top of
+components ``< j`` only: the information is ordered, and after training any prefix
+``b`` is a usable rank-``b`` adapter.  Update modes (``update``):
+
+* ``"full"``   — every one of the first ``b`` components gets the gradient of the
+  truncated formula (the factors are slices ``U[:, :b]``, ``V[:b]``, views of the
+  parameters);
+* ``"frozen"`` — only component ``b`` learns: the factors are
+  ``[U[:, :b-1].detach() | U[:, b-1]]`` (and likewise for ``V``, ``P_k``), so
+  components ``1..b-1`` get exactly zero gradient from the loss *and* from LAVA's
+  orthogonality term, which acts on the active components ``U[:, :b]``.
+
+Outside training (``model.eval()``) the rank is fixed: ``r`` by default, any ``b`` by
+:func:`set_rank` (recorded as ``eval_rank`` in the config, so it is saved).  Merging,
+:meth:`DyLoraAdapter.delta_weight` and export use that rank; :func:`truncate_to_rank`
+turns the adapter at rank ``b`` into a plain ``"lora"`` / ``"lava"`` adapter with the same
+output (factors ``U[:, :b]``, ``V[:b]``, ``P_k[:b]``, ``r = b``, same ``alpha``: its scale
+``α/b`` is the DyLoRA scale at ``b``), which saves, merges, loads in a plain lava-peft
+and exports to HF PEFT (:func:`lava_peft.interop.export_peft`) like any other.
+
+**Rank controller.**  The adapters built from one config object (one ``add_adapter``
+call, i.e. one adapter name) share a :class:`RankSampler`: a counter-based generator
+``b = r_min + H(seed, step, layer) mod (r − r_min + 1)`` (``H`` a 64-bit mixing hash;
+``layer`` the adapter's index in construction order; ``"global"`` mode hashes no layer,
+so every layer gets the same ``b``, clipped to its own ``r`` when ``rank_pattern`` gives
+layers different ranks).  ``step`` counts forward passes and advances by itself: a new
+step begins when a layer that already drew in the current step draws again.  That needs
+no hook in the model (every adapted layer runs once per forward pass of an ordinary
+model), makes each draw independent of call order, and is reproducible from ``seed``
+alone.  A layer called twice in one forward pass (shared weights) starts a new step for
+the layers after it.  Re-computation under activation checkpointing (inside the
+backward pass) reuses the rank of the forward instead of drawing.  ``sampler.step`` is
+not saved; to resume sampling exactly, set it on :func:`rank_sampler` after loading.
+
+Within one layer call the rank is drawn once, at the layer's first question to the
+adapter (``uses_weight_path_for``, or ``forward``/``linear_factors`` for a mixed batch),
+and used by whichever of ``linear_factors`` (fused Linear node), ``forward`` or
+``delta_weight`` (conv weight path) then computes the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..combine import Factors
+from ..config import AdapterConfig, register_method
+from ..errors import AdapterNameError, LavaConfigError
+from ..inject import saved_module_wrappers
+from .base import DeltaAdapter, _dropout_active, lowrank_forward
+from .cp_conv import cp_conv_separable
+from .lava import LavaAdapter, LavaConfig
+from .lora import LoraAdapter, LoraConfig
+
+FACTORIZATIONS = ("lora", "lava")
+UPDATE_MODES = ("full", "frozen")
+RANK_SAMPLING = ("per_layer", "global")
+_LAVA_ONLY = ("orth_lambda", "orth_factors", "spatial_init", "conv_path")
+
+
+# =============================================================================== config
+@dataclass
+class DyLoraConfig(AdapterConfig):
+    """DyLoRA: ``r`` is ``r_max``; every rank in ``[r_min, r]`` is trained.
+
+    Args:
+        r_min: smallest rank drawn in training (1 ≤ r_min ≤ r, and ≤ every ``rank_pattern`` rank).
+        factorization: ``"lora"`` (LoRA factors on every layer, convs flattened) or ``"lava"``
+            (LAVA: LoRA form on matrices, CP on conv kernels, orthogonality regularizer).
+        update: ``"full"`` (the first ``b`` components all learn) or ``"frozen"`` (only component ``b``).
+        rank_sampling: ``"per_layer"`` (each layer draws its own ``b`` every step) or ``"global"``
+            (one ``b`` per forward pass for every layer).
+        seed: seed of the rank draws.
+        eval_rank: the rank used outside training (merge, eval, ``delta_weight``); ``None``: ``r``.
+            :func:`set_rank` sets it.
+        init: ``"lora"``: ``"default"`` / ``"gaussian"`` (as :class:`LoraConfig`); ``"lava"``:
+            ``"orthogonal"`` / ``"lora"`` (as :class:`LavaConfig`).  ``None``: the method's default.
+        orth_lambda, orth_factors, spatial_init, conv_path: as in :class:`LavaConfig`; only for
+            ``factorization="lava"`` (``None`` there means LAVA's default).
+    """
+
+    r_min: int = 1
+    factorization: str = "lora"
+    update: str = "full"
+    rank_sampling: str = "per_layer"
+    seed: int = 0
+    eval_rank: int | None = None
+    init: str | None = None
+    orth_lambda: float | None = None
+    orth_factors: str | None = None
+    spatial_init: str | None = None
+    conv_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.factorization == "lava":
+            defaults = LavaConfig.__dataclass_fields__
+            self.init = self.init if self.init is not None else defaults["init"].default
+            for key in ("orth_lambda", "spatial_init", "conv_path"):
+                if getattr(self, key) is None:
+                    setattr(self, key, defaults[key].default)
+            if self.orth_factors is None:
+                self.orth_factors = "in" if self.init == "lora" else "out"
+        elif self.factorization == "lora" and self.init is None:
+            self.init = LoraConfig.__dataclass_fields__["init"].default
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.factorization not in FACTORIZATIONS:
+            raise LavaConfigError(
+                f"DyLoraConfig.factorization must be 'lora' or 'lava'; got {self.factorization!r}"
+            )
+        if self.update not in UPDATE_MODES:
+            raise LavaConfigError(
+                f"DyLoraConfig.update must be 'full' (the first b components learn) or 'frozen' (only component b "
+                f"learns); got {self.update!r}"
+            )
+        if self.rank_sampling not in RANK_SAMPLING:
+            raise LavaConfigError(
+                f"DyLoraConfig.rank_sampling must be 'per_layer' or 'global'; got {self.rank_sampling!r}"
+            )
+        if isinstance(self.r_min, bool) or not isinstance(self.r_min, int) or self.r_min <= 0:
+            raise LavaConfigError(f"DyLoraConfig.r_min must be a positive integer; got {self.r_min!r}")
+        ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}
+        too_small = {k: v for k, v in ranks.items() if v < self.r_min}
+        if too_small:
+            raise LavaConfigError(
+                f"DyLoraConfig.r_min={self.r_min} is larger than {too_small} (r is the largest rank trained); "
+                f"lower r_min to at most {min(too_small.values())} or raise those ranks"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise LavaConfigError(f"DyLoraConfig.seed must be an integer; got {self.seed!r}")
+        if self.eval_rank is not None:
+            top = max(ranks.values())
+            if isinstance(self.eval_rank, bool) or not isinstance(self.eval_rank, int) \
+                    or not self.r_min <= self.eval_rank <= top:
+                raise LavaConfigError(
+                    f"DyLoraConfig.eval_rank must be an integer in [r_min, r] = [{self.r_min}, {top}] or None; "
+                    f"got {self.eval_rank!r}"
+                )
+        if self.factorization == "lora":
+            extra = [k for k in _LAVA_ONLY if getattr(self, k) is not None]
+            if extra:
+                raise LavaConfigError(
+                    f"DyLoraConfig fields {extra} apply to factorization='lava' only; drop them or set "
+                    "factorization='lava'"
+                )
+        try:
+            self.plain_config()  # the factorization's own checks (init, orth_factors, ...)
+        except LavaConfigError as exc:
+            raise LavaConfigError(f"DyLoraConfig(factorization={self.factorization!r}): {exc}") from None
+
+    def regularization_weight(self) -> float:
+        return float(self.orth_lambda) if self.factorization == "lava" else 0.0
+
+    def plain_config(self, **changes: Any) -> AdapterConfig:
+        """The :class:`LoraConfig` / :class:`LavaConfig` with this config's fields (and ``changes``)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
+        if self.factorization == "lava":
+            cls, own = LavaConfig, {k: getattr(self, k) for k in ("init", *_LAVA_ONLY)}
+        else:
+            cls, own = LoraConfig, {"init": self.init}
+        return cls(**{**shared, **own, **changes})
+
+
+# =============================================================================== rank sampler
+_MASK = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 64-bit hash of integers (splitmix64 finalizer applied per value): uniform, cheap, stateless."""
+    z = 0x9E3779B97F4A7C15
+    for v in values:
+        z = (z + (v & _MASK) + 0x9E3779B97F4A7C15) & _MASK
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        z ^= z >> 31
+    return z
+
+
+class RankSampler:
+    """Draws the training rank of every (step, layer) for the adapters of one adapter name.
+
+    ``b = r_min + H(seed, step, layer) mod (r_layer − r_min + 1)`` (``"per_layer"``) or
+    ``min(r_layer, r_min + H(seed, step) mod (r_top − r_min + 1))`` (``"global"``, ``r_top``
+    the largest layer rank).  ``step`` advances when a layer draws a second time (see the
+    module docstring); it can be read or set to resume a run.
+    """
+
+    def __init__(self, seed: int, r_min: int, mode: str):
+        self.seed, self.r_min, self.mode = int(seed), int(r_min), mode
+        self.step = 0
+        self._n_layers = 0
+        self._r_top = r_min
+        self._drawn: set[int] = set()
+
+    def register(self, r: int) -> int:
+        """A new layer of rank ``r`` joins; returns its index."""
+        self._r_top = max(self._r_top, r)
+        self._n_layers += 1
+        return self._n_layers - 1
+
+    def rank(self, step: int, layer: int, r: int) -> int:
+        """The rank of ``layer`` (rank ``r``) at ``step`` (pure function)."""
+        if self.mode == "global":
+            return min(r, self.r_min + _mix(self.seed, step) % (self._r_top - self.r_min + 1))
+        return self.r_min + _mix(self.seed, step, layer) % (r - self.r_min + 1)
+
+    def draw(self, layer: int, r: int) -> int:
+        if layer in self._drawn:
+            self.step += 1
+            self._drawn.clear()
+        self._drawn.add(layer)
+        return self.rank(self.step, layer, r)
+
+
+def _shared_sampler(config: DyLoraConfig) -> RankSampler:
+    """The sampler of the adapters built from ``config`` (kept on the config object, never saved)."""
+    sampler = config.__dict__.get("_rank_sampler")
+    if sampler is None or (sampler.seed, sampler.r_min, sampler.mode) != (config.seed, config.r_min,
+                                                                           config.rank_sampling):
+        sampler = RankSampler(config.seed, config.r_min, config.rank_sampling)
+        config.__dict__["_rank_sampler"] = sampler
+    return sampler
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+# =============================================================================== adapters
+def _lora_tensors(adapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return adapter.lora_B, [adapter.lora_A]
+
+
+def _lava_tensors(adapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return adapter.lava_U, [adapter.lava_V, *adapter.lava_P]
+
+
+class DyLoraAdapter(DeltaAdapter):
+    """The registered ``"dylora"`` adapter; constructing it gives a :class:`DyLoraLoraAdapter` or
+    :class:`DyLoraLavaAdapter` (by ``config.factorization``), which subclass this class and
+    :class:`LoraAdapter` / :class:`LavaAdapter`: the parameters, their init, their names in
+    the file and the rank checks are the plain method's; this class truncates them.
+
+    Attributes:
+        fixed_rank: the rank outside training (``eval_rank`` clipped to this layer's ``r``).
+        last_rank: the rank of this layer's most recent forward call.
+    """
+
+    plain_method = "base"
+
+    def __new__(cls, spec=None, config=None, module_name=None):
+        if cls is DyLoraAdapter:  # (copy/deepcopy call __new__ of the concrete class without arguments)
+            cls = DyLoraLavaAdapter if config.factorization == "lava" else DyLoraLoraAdapter
+        return super().__new__(cls)
+
+    def __init__(self, spec, config: DyLoraConfig, module_name: str):
+        super().__init__(spec, config, module_name)
+        self.r_min = config.r_min
+        self.alpha = float(config.alpha_for(module_name))
+        self.use_rslora = config.use_rslora
+        self.update = config.update
+        self.fixed_rank = min(config.eval_rank or self.r, self.r)
+        self.last_rank: int | None = None
+        self._armed: int | None = None  # rank drawn for the layer call in progress, not yet used
+        self._sampler = _shared_sampler(config)
+        self._index = self._sampler.register(self.r)
+
+    @classmethod
+    def check_layer(cls, spec, config, module_name: str) -> None:
+        plain = LavaAdapter if config.factorization == "lava" else LoraAdapter
+        plain.check_layer(spec, config, module_name)
+
+    # -- ranks -------------------------------------------------------------------
+    def scale_at(self, b: int) -> float:
+        """``α/b`` (``α/√b`` with rsLoRA): the scale of the rank-``b`` truncation, as a plain
+        adapter of rank ``b`` computes it."""
+        return self.alpha / (b**0.5) if self.use_rslora else self.alpha / b
+
+    def _raw_factors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:  # pragma: no cover - abstract
+        """``(up (O, r), modes)``: ``modes[0]`` the down factor ``(r, ·)``, then LAVA's ``P_k (r, K_k)``."""
+        raise NotImplementedError
+
+    def truncated_factors(self, b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The first ``b`` components: slices (``"full"``), or with components ``< b`` detached (``"frozen"``)."""
+        up, modes = self._raw_factors()
+        if self.update == "frozen" and b > 1 and torch.is_grad_enabled():
+            up = torch.cat([up[:, :b - 1].detach(), up[:, b - 1:b]], dim=1)
+            return up, [torch.cat([m[:b - 1].detach(), m[b - 1:b]], dim=0) for m in modes]
+        return up[:, :b], [m[:b] for m in modes]
+
+    def _enter(self) -> int:
+        """The rank of a new layer call: drawn in training, else :attr:`fixed_rank`."""
+        if not self.training:
+            return self.fixed_rank
+        if _in_backward() and self.last_rank is not None:
+            return self.last_rank  # checkpoint recomputation: the rank of the forward
+        return self._sampler.draw(self._index, self.r)
+
+    def _call_rank(self) -> int:
+        """The rank of the layer call in progress (drawn now if the layer has not asked yet)."""
+        b = self._armed if self._armed is not None else self._enter()
+        self._armed = None
+        self.last_rank = b
+        return b
+
+    def train(self, mode: bool = True):
+        self._armed = None
+        return super().train(mode)
+
+    def uses_weight_path_for(self, x, layer) -> bool:
+        self._armed = self._enter()  # the layer's first question in a call: the rank is drawn here
+        return super().uses_weight_path_for(x, layer)
+
+    def max_rank(self) -> int:
+        return self.r
+
+    # -- protocol ----------------------------------------------------------------
+    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
+        """``ΔW`` at ``rank``; by default at the rank of the layer call in progress, else :attr:`fixed_rank`."""
+        if rank is not None:
+            _check_rank_value(rank, self.r_min, self.r, "delta_weight(rank)")
+            b = rank
+        else:
+            b = self._call_rank() if self._armed is not None else self.fixed_rank
+        up, modes = self.truncated_factors(b)
+        return Factors(up * self.scale_at(b), modes).dense(self.spec.canonical_shape)
+
+    def linear_factors(self):
+        if self.spec.kind != "linear" or _dropout_active(self):
+            return None
+        b = self._call_rank()
+        up, modes = self.truncated_factors(b)
+        return modes[0], up, self.scale_at(b)
+
+    def forward(self, x, base_out, layer):
+        b = self._call_rank()
+        if self.spec.kind == "conv":
+            return self._conv_forward(x, base_out, layer, b)
+        up, modes = self.truncated_factors(b)
+        return lowrank_forward(x, modes[0], up, self.scale_at(b), self, base_out.dtype, base_out)
+
+    def _conv_forward(self, x, base_out, layer, b: int):
+        """Conv through the weight path: ``DeltaAdapter.forward`` with ``ΔW`` at rank ``b``."""
+        self._armed = b
+        return DeltaAdapter.forward(self, x, base_out, layer)
+
+    def extra_repr(self) -> str:
+        return (f"{self.plain_method}, r_min={self.r_min}, r={self.r}, update={self.update!r}, "
+                f"fixed_rank={self.fixed_rank}")
+
+
+class DyLoraLoraAdapter(DyLoraAdapter, LoraAdapter):
+    """DyLoRA on LoRA factors ``lora_A (r, I·ΠK)``, ``lora_B (O, r)`` (convs flattened)."""
+
+    plain_method = "lora"
+
+    def _raw_factors(self):
+        return _lora_tensors(self)
+
+
+class DyLoraLavaAdapter(DyLoraAdapter, LavaAdapter):
+    """DyLoRA on LAVA factors ``lava_U (O, r)``, ``lava_V (r, I)``, ``lava_P[k] (r, K_k)``: on a conv the
+    first ``b`` CP components; the orthogonality term acts on the active components."""
+
+    plain_method = "lava"
+
+    def _raw_factors(self):
+        return _lava_tensors(self)
+
+    def _conv_forward(self, x, base_out, layer, b: int):
+        if self.conv_path == "weight" and not self._dropout_active():
+            return super()._conv_forward(x, base_out, layer, b)
+        x_in = self.dropout(x) if self._dropout_active() else x
+        up, modes = self.truncated_factors(b)
+        return cp_conv_separable(x_in, up, modes[0], modes[1:], self.scale_at(b), layer.base_layer,
+                                 base_out.dtype, base_out)
+
+    def regularized_factors(self) -> list[torch.Tensor]:
+        """LAVA's factors restricted to the active components (the last forward's rank in training)."""
+        b = self.last_rank if self.training and self.last_rank is not None else self.fixed_rank
+        up, modes = self.truncated_factors(b)
+        if self.orth_factors == "out":
+            return [up]
+        if self.orth_factors == "in":
+            return [modes[0].T]
+        return [up, *(m.T for m in modes)]
+
+
+register_method("dylora", DyLoraConfig, DyLoraAdapter)
+
+
+# =============================================================================== model-level API
+def _check_rank_value(b, r_min: int, r_max: int, what: str) -> None:
+    if isinstance(b, bool) or not isinstance(b, int) or not r_min <= b <= r_max:
+        raise LavaConfigError(
+            f"{what}: rank {b!r} is outside the trained range [r_min, r] = [{r_min}, {r_max}]; choose an integer in it"
+        )
+
+
+def _dylora(model, adapter_name: str | None):
+    """``(name, config, [(path, adapter)])`` of a DyLoRA adapter of ``model``."""
+    name = adapter_name or model.active_adapter
+    if name is None:
+        raise AdapterNameError("the model has no active adapter; pass adapter_name=<a dylora adapter>")
+    model._check_known(name)
+    config = model.peft_config[name]
+    if not isinstance(config, DyLoraConfig):
+        raise LavaConfigError(
+            f"adapter {name!r} is a {config.method!r} adapter; rank control needs a 'dylora' adapter "
+            f"(this model's adapters: {sorted(model.peft_config)})"
+        )
+    return name, config, model.adapter_layers(name)
+
+
+def _check_model_rank(b, config: DyLoraConfig, layers, what: str) -> None:
+    _check_rank_value(b, config.r_min, max(a.r for _, a in layers), what)
+
+
+def rank_sampler(model, adapter_name: str | None = None) -> RankSampler:
+    """The :class:`RankSampler` shared by the layers of a DyLoRA adapter (``.step`` to inspect or resume)."""
+    _, _, layers = _dylora(model, adapter_name)
+    return layers[0][1]._sampler
+
+
+def set_rank(model, b: int | None, adapter_name: str | None = None) -> None:
+    """Fix the rank ``b`` used outside training (eval forward, merge, ``delta_weight``, save).
+
+    Each layer uses ``min(b, its r)``; ``b=None`` goes back to every layer's full ``r``.  The
+    rank is stored as the config's ``eval_rank``, so ``save_pretrained`` keeps it.  A merged
+    adapter is re-merged at the new rank.  Training forwards keep drawing ranks.
+    Raises :class:`LavaConfigError` (and changes nothing) for a ``b`` outside ``[r_min, r]``.
+    """
+    name, config, layers = _dylora(model, adapter_name)
+    if b is not None:
+        _check_model_rank(b, config, layers, "set_rank")
+    merged = model.merged_adapters
+    if name in merged:
+        model.unmerge_adapter()
+    for _, adapter in layers:
+        adapter.fixed_rank = adapter.r if b is None else min(b, adapter.r)
+        adapter._armed = None
+    model.peft_config[name] = dataclasses.replace(config, eval_rank=b)
+    if name in merged:
+        model.merge_adapter(merged)
+
+
+def eval_across_ranks(model, ranks: Iterable[int], eval_fn: Callable[[Any], Any],
+                      adapter_name: str | None = None) -> dict[int, Any]:
+    """``{b: eval_fn(model)}`` with the model in eval mode at each fixed rank ``b``.
+
+    Every rank is checked before anything changes; afterwards the fixed rank and each
+    module's train/eval mode are restored (also when ``eval_fn`` raises).
+    """
+    name, config, layers = _dylora(model, adapter_name)
+    ranks = list(ranks)
+    for b in ranks:
+        _check_model_rank(b, config, layers, "eval_across_ranks")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    results: dict[int, Any] = {}
+    try:
+        for b in ranks:
+            set_rank(model, b, name)
+            results[b] = eval_fn(model)
+    finally:
+        set_rank(model, config.eval_rank, name)
+        for module, training in modes:
+            module.training = training
+    return results
+
+
+def truncate_to_rank(model, b: int, adapter_name: str | None = None, new_name: str | None = None) -> str:
+    """Add a plain ``"lora"`` / ``"lava"`` adapter equal to DyLoRA adapter ``adapter_name`` at rank ``b``.
+
+    Per layer of rank ``r``, with ``b' = min(b, r)``: factors ``U[:, :b']``, ``V[:b']``
+    (``P_k[:b']`` for LAVA convs) copied, ``r = b'`` and the same ``alpha`` (and
+    ``use_rslora``), so its scale ``α/b'`` is DyLoRA's at ``b'`` and its output equals the
+    DyLoRA model at rank ``b``.  ``modules_to_save`` copies are copied too.  The new
+    adapter (default name ``"<adapter_name>_r<b>"``) is added inactive: ``set_adapter`` it,
+    ``save_pretrained(dir, adapter_name=...)`` it, or ``export_peft`` it (LoRA on Linear /
+    GPT-2 Conv1D / Embedding / plain convs).  Returns its name; nothing changes on error.
+    """
+    name, config, layers = _dylora(model, adapter_name)
+    _check_model_rank(b, config, layers, "truncate_to_rank")
+    new_name = f"{name}_r{b}" if new_name is None else new_name
+    paths = [p for p, _ in layers]
+    ranks = {p: min(b, a.r) for p, a in layers}
+    alphas = {p: a.alpha for p, a in layers}
+    common_r = Counter(ranks.values()).most_common(1)[0][0]
+    common_alpha = Counter(alphas.values()).most_common(1)[0][0]
+    plain = config.plain_config(
+        target_modules="(?:" + "|".join(re.escape(p) for p in paths) + ")",
+        exclude_modules=None,
+        r=common_r,
+        alpha=common_alpha,
+        rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items() if r != common_r},
+        alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != common_alpha},
+    )
+    plan = model._plan(new_name, plain, target_names=paths)
+    source = {p: a for p, a in layers}
+    with torch.no_grad():
+        for path, _, new in plan.layers:
+            old = source[path]
+            bl = ranks[path]
+            up, modes = old._raw_factors()
+            new_up, new_modes = (_lava_tensors if old.plain_method == "lava" else _lora_tensors)(new)
+            new_up.copy_(up[:, :bl])
+            for dst, src in zip(new_modes, modes):
+                dst.copy_(src[:bl])
+    model._commit(plan)
+    for _, wrapper in saved_module_wrappers(model.model):
+        if name in wrapper.copies and new_name in wrapper.copies:
+            wrapper.copies[new_name].load_state_dict(wrapper.copies[name].state_dict())
+    return new_name
+
+
+def save_at_rank(model, b: int, save_directory: str, adapter_name: str | None = None, peft: bool = False,
+                 **export_kwargs) -> None:
+    """Write DyLoRA adapter ``adapter_name`` at rank ``b`` as a plain lava-peft adapter directory
+    (``peft=True``: a HF PEFT LoRA directory via :func:`~lava_peft.interop.export_peft`).
+
+    The model is left as it was (the temporary truncated adapter is deleted)."""
+    from ..interop import export_peft
+
+    name, _, _ = _dylora(model, adapter_name)
+    tmp = truncate_to_rank(model, b, name, new_name=f"{name}_r{b}_export")
+    try:
+        if peft:
+            export_peft(model, save_directory, adapter_name=tmp, **export_kwargs)
+        else:
+            model.save_pretrained(save_directory, adapter_name=tmp)
+    finally:
+        model.delete_adapter(tmp)
+
+
+__all__ = [
+    "DyLoraAdapter",
+    "DyLoraConfig",
+    "DyLoraLavaAdapter",
+    "DyLoraLoraAdapter",
+    "RankSampler",
+    "eval_across_ranks",
+    "rank_sampler",
+    "save_at_rank",
+    "set_rank",
+    "truncate_to_rank",
+]

@@ -1,0 +1,328 @@
+"""Low-bit adapters: LoRA or LAVA whose factors are trained quantization-aware and stored bit-packed.
+
+Bi-LoRA of Jie et al. (ICCV 2023) generalised to both factorizations.  With ``Q_k`` the
+k-bit fake quantizer of :mod:`lava_peft.lowbit` (standardize, Gaussian codebook,
+de-standardize, straight-through gradient), the increment is the LoRA / LAVA one on the
+quantized factors::
+
+    LoRA:       ΔW = s · Q_k(B) Q_k(A)
+    LAVA conv:  ΔW[o,i,k1..kN] = s · Σ_j Q_k(U)[o,j] Q_k(V)[j,i] Q_k(P1)[j,k1] ··· Q_k(PN)[j,kN]
+
+``quantize`` picks the factors: ``"all"``, ``"up"`` (``B`` / ``U``) or ``"down"`` (``A`` /
+``V``); LAVA's spatial factors ``P`` are quantized with ``"all"`` only.  The adapters
+subclass :class:`~.lora.LoraAdapter` / :class:`~.lava.LavaAdapter` and only change what
+reading a factor attribute (``self.lora_A`` …) returns: the parameter holds the fp32
+*latent* ``w`` and the attribute gives ``Q_k(w)``.  So every inherited path — the fused
+Linear node (``linear_factors()``), the separable CP conv, ``delta_weight()``, merging,
+the orthogonality term (on the quantized factors) — runs on the quantized factors.
+
+**Init.**  ``init="zero_delta"`` (default) keeps the underlying method's init: the zero
+factor (LoRA ``B``, LAVA ``V``) has ``σ = 0``, which the quantizer maps to exactly ``μ = 0``
+(not a division by zero), so ``ΔW = 0`` exactly and the model starts as the base model.
+Its first gradient is the identity STE, exactly LoRA's; after one step the factor has a
+spread and is quantized normally.  ``init="paper"`` follows the reference code, which
+cannot represent a zero matrix (it standardizes with ``σ + 1e-5``): every quantized factor
+that the underlying init leaves at zero is drawn from a normal with std 1e-3 truncated
+to ±2e-3.  Then **ΔW ≠ 0 at init** (of order ``s·0.67e-3·σ(A)`` per weight for 1 bit).
+
+**Files.**  ``save_pretrained`` writes, per quantized factor ``<f>`` (e.g. ``lora_A``,
+``lava_P.0``), ``<f>.codes`` (uint8, ``ceil(n·k/8)`` bytes, bit-packed), ``<f>.stats``
+(fp32 ``[μ, σ]``) and ``<f>.shape`` (int64) — not the fp32 latent; unquantized factors
+are stored as usual.  ``keep_latent=True`` also stores the latent ``<f>`` (fp32), so
+that training can be resumed.  A factor loaded from codes alone is *frozen to its codes*:
+its value is ``dequantize(codes, μ, σ)``, exactly the fake-quantized value it was saved
+with, for inference, merging and re-saving (bit-identical).  It cannot be trained
+further (the latent is not in the file): a training forward raises.  The parameter then
+holds a copy of the dequantized value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, register_method
+from ..errors import AdapterFileError, LavaConfigError, LavaError
+from ..layers import LayerSpec
+from ..lowbit import dequantize, fake_quantize, pack_codes, packed_size, quantize, unpack_codes
+from .base import DeltaAdapter
+from .lava import LavaAdapter, LavaConfig
+from .lora import LoraAdapter, LoraConfig
+
+_FACTOR_INITS = {"lora": ("default", "gaussian"), "lava": ("orthogonal", "lora")}
+_PACKED_SUFFIXES = ("codes", "stats", "shape")
+
+
+@dataclass
+class LowBitConfig(AdapterConfig):
+    """Low-bit LoRA / LAVA.
+
+    Args:
+        bits: bits per stored factor weight (1..8).
+        factorization: ``"lora"`` or ``"lava"`` (LAVA: CP on conv kernels).
+        quantize: which factors are quantized: ``"all"``, ``"up"`` (``B``/``U``) or
+            ``"down"`` (``A``/``V``); LAVA spatial factors only with ``"all"``.
+        init: ``"zero_delta"`` (ΔW = 0 at init, default) or ``"paper"`` (quantized zero
+            factors start as a ±2e-3-truncated normal with std 1e-3: ΔW ≠ 0 at init).
+        keep_latent: also save the fp32 latent factors (needed to resume training).
+        factor_init: the underlying method's ``init`` (LoRA: ``"default"``/``"gaussian"``;
+            LAVA: ``"orthogonal"``/``"lora"``); ``None`` = its default.
+        orth_lambda, orth_factors, spatial_init, conv_path: LAVA's options (factorization
+            ``"lava"`` only).  ``orth_lambda`` defaults to 0 here: the quantized ``U`` is not
+            orthonormal at init, so the term would not start at 0.  When set, it acts on the
+            quantized factors (gradient by the straight-through estimator).
+    """
+
+    bits: int = 1
+    factorization: str = "lora"
+    quantize: str = "all"
+    init: str = "zero_delta"
+    keep_latent: bool = False
+    factor_init: str | None = None
+    orth_lambda: float = 0.0
+    orth_factors: str | None = None
+    spatial_init: str = "gaussian"
+    conv_path: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise LavaConfigError(
+                f"LowBitConfig.bits must be an integer from 1 to 8 (bits per stored weight); got {self.bits!r}"
+            )
+        if self.factorization not in _FACTOR_INITS:
+            raise LavaConfigError(f"LowBitConfig.factorization must be 'lora' or 'lava'; got {self.factorization!r}")
+        if self.quantize not in ("all", "up", "down"):
+            raise LavaConfigError(f"LowBitConfig.quantize must be 'all', 'up' or 'down'; got {self.quantize!r}")
+        if self.init not in ("zero_delta", "paper"):
+            raise LavaConfigError(f"LowBitConfig.init must be 'zero_delta' or 'paper'; got {self.init!r}")
+        if not isinstance(self.keep_latent, bool):
+            raise LavaConfigError(f"LowBitConfig.keep_latent must be True or False; got {self.keep_latent!r}")
+        allowed = _FACTOR_INITS[self.factorization]
+        if self.factor_init is not None and self.factor_init not in allowed:
+            raise LavaConfigError(
+                f"LowBitConfig.factor_init for factorization={self.factorization!r} must be one of {allowed} "
+                f"or None; got {self.factor_init!r}"
+            )
+        if self.factorization == "lora" and self.orth_lambda != 0:
+            raise LavaConfigError("LowBitConfig.orth_lambda applies to factorization='lava' only; set it to 0 "
+                                  "or use factorization='lava'")
+        try:
+            self.factor_config()
+        except LavaConfigError as exc:
+            raise LavaConfigError(f"LowBitConfig (factorization={self.factorization!r}): {exc}") from None
+
+    def factor_config(self) -> LoraConfig | LavaConfig:
+        """The LoRA / LAVA config of the underlying (unquantized) method."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
+        if self.factorization == "lora":
+            return LoraConfig(**shared, init=self.factor_init or "default")
+        return LavaConfig(**shared, init=self.factor_init or "orthogonal", orth_lambda=self.orth_lambda,
+                          orth_factors=self.orth_factors, spatial_init=self.spatial_init, conv_path=self.conv_path)
+
+    def regularization_weight(self) -> float:
+        return self.orth_lambda if self.factorization == "lava" else 0.0
+
+
+def _factor(name: str, doc: str) -> property:
+    """Class attribute ``name``: the effective (quantized) factor; the raw parameter during ``__init__``."""
+
+    def get(self):
+        param = self.__dict__["_parameters"].get(name)
+        if param is None:
+            raise AttributeError(name)  # not registered yet (nn.Module.register_parameter asks)
+        return self._effective(name, param)
+
+    return property(get, doc=doc)
+
+
+class LowBitAdapter(DeltaAdapter):
+    """Registered adapter class; constructs a :class:`LowBitLoraAdapter` or :class:`LowBitLavaAdapter`."""
+
+    _UP: str
+    _DOWN: str
+
+    def __new__(cls, *args, **kwargs):
+        if cls is LowBitAdapter:
+            config = args[1] if len(args) > 1 else kwargs["config"]
+            cls = {"lora": LowBitLoraAdapter, "lava": LowBitLavaAdapter}[config.factorization]
+        return super().__new__(cls)
+
+    def __init__(self, spec: LayerSpec, config: LowBitConfig, module_name: str):
+        super().__init__(spec, config.factor_config(), module_name)
+        self.bits = config.bits
+        self.keep_latent = config.keep_latent
+        keys = {"up": [self._UP], "down": [self._DOWN]}.get(config.quantize)
+        if keys is None:
+            keys = [self._UP, self._DOWN] + [f"lava_P.{i}" for i in range(len(self._raw_modes()))]
+        self.quantized_keys: tuple[str, ...] = tuple(keys)
+        if config.init == "paper":
+            with torch.no_grad():
+                for key in self.quantized_keys:
+                    latent = self.latent_factor(key)
+                    if not torch.count_nonzero(latent):
+                        nn.init.trunc_normal_(latent, std=1e-3, a=-2e-3, b=2e-3)
+
+    @classmethod
+    def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
+        parent = LoraAdapter if config.factorization == "lora" else LavaAdapter
+        parent.check_layer(spec, config, module_name)
+
+    # -- factors ------------------------------------------------------------------
+    def _raw_modes(self) -> list[nn.Parameter]:
+        return []
+
+    def latent_factor(self, key: str) -> nn.Parameter:
+        """The fp32 parameter (the latent) behind factor ``key`` (``"lora_A"``, ``"lava_P.0"``, …)."""
+        owner, _, name = key.rpartition(".")
+        module = self._modules[owner] if owner else self
+        return module._parameters[name]
+
+    @staticmethod
+    def _slot(key: str) -> str:
+        return key.replace(".", "_")
+
+    def is_frozen(self, key: str) -> bool:
+        """Whether factor ``key`` was loaded from codes alone (its value is fixed to them)."""
+        return f"{self._slot(key)}_qcodes" in self._buffers
+
+    def _effective(self, key: str, param: torch.Tensor) -> torch.Tensor:
+        """``Q_k(latent)`` for a quantized factor (the dequantized codes when frozen); else the parameter."""
+        if key not in self.__dict__.get("quantized_keys", ()):
+            return param
+        if not self.is_frozen(key):
+            return fake_quantize(param, self.bits)
+        if self.training and torch.is_grad_enabled() and param.requires_grad:
+            raise LavaError(
+                f"this low-bit adapter was loaded from bit-packed codes without its fp32 latent factors "
+                f"({key}): it is for inference and merging only. To continue training, save it with "
+                "LowBitConfig(keep_latent=True), or call model.eval() / torch.no_grad() for inference"
+            )
+        slot = self._slot(key)
+        codes = unpack_codes(self._buffers[f"{slot}_qcodes"], self.bits, param.numel()).view(param.shape)
+        stats = self._buffers[f"{slot}_qstats"]
+        return dequantize(codes, stats[0], stats[1], self.bits)
+
+    # -- files ----------------------------------------------------------------------
+    def _packed_state(self, key: str) -> dict[str, torch.Tensor]:
+        """``{codes, stats, shape}`` of a quantized factor: the stored ones if frozen (live
+        buffers), else quantized from the latent now."""
+        if self.is_frozen(key):
+            slot = self._slot(key)
+            return {s: self._buffers[f"{slot}_q{s}"] for s in _PACKED_SUFFIXES}
+        latent = self.latent_factor(key)
+        codes, stats = quantize(latent, self.bits)
+        shape = torch.tensor(list(latent.shape), dtype=torch.int64, device=latent.device)
+        return {"codes": pack_codes(codes, self.bits), "stats": stats, "shape": shape}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The file content: packed codes + ``[μ, σ]`` + shape per quantized factor (plus the
+        latent with ``keep_latent``), the other factors as usual."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in self.quantized_keys:
+            latent = out.pop(prefix + key)
+            if self.keep_latent:
+                out[prefix + key] = latent
+            for suffix, tensor in self._packed_state(key).items():
+                out[f"{prefix}{key}.{suffix}"] = tensor
+        return out
+
+    def _decode(self, source: str, key: str, codes, stats, shape) -> torch.Tensor:
+        """Check the stored tensors of factor ``key`` and return its dequantized value."""
+        latent = self.latent_factor(key)
+        expected = packed_size(latent.numel(), self.bits)
+        problems = []
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (expected,):
+            problems.append(f"codes must be uint8 of shape ({expected},), got {codes.dtype} {tuple(codes.shape)}")
+        if stats.dtype != torch.float32 or tuple(stats.shape) != (2,):
+            problems.append(f"stats must be float32 [mu, sigma], got {stats.dtype} {tuple(stats.shape)}")
+        elif not (torch.isfinite(stats).all() and stats[1] >= 0):
+            problems.append(f"stats [mu, sigma] = {stats.tolist()} are not finite with sigma >= 0")
+        if shape.dtype != torch.int64 or shape.tolist() != list(latent.shape):
+            problems.append(f"shape must be int64 {list(latent.shape)}, got {shape.dtype} {shape.tolist()}")
+        if problems:
+            raise AdapterFileError(f"{source}{key}: " + "; ".join(problems) + "; the file is corrupt or was edited")
+        device = latent.device
+        values = unpack_codes(codes.to(device), self.bits, latent.numel()).view(latent.shape)
+        stats = stats.to(device)
+        return dequantize(values, stats[0], stats[1], self.bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Packed factors → frozen to their codes (the parameter gets the dequantized value);
+        a latent in the state dict → trained from the latent (any packed copy is redundant)."""
+        freeze = {}
+        for key in self.quantized_keys:
+            names = [f"{prefix}{key}.{s}" for s in _PACKED_SUFFIXES]
+            present = [n in state_dict for n in names]
+            if not any(present):
+                freeze[key] = None
+                continue
+            if not all(present):
+                raise AdapterFileError(f"{prefix}{key}: the state has {[n for n, p in zip(names, present) if p]} but "
+                                       f"not {[n for n, p in zip(names, present) if not p]}; the file is corrupt")
+            codes, stats, shape = (state_dict.pop(n) for n in names)
+            value = self._decode(prefix, key, codes, stats, shape)
+            if prefix + key in state_dict:
+                freeze[key] = None
+            else:
+                state_dict[prefix + key] = value  # the parameter (directly or via lava_P) gets Q(w)
+                device = self.latent_factor(key).device
+                freeze[key] = (codes.to(device).clone(), stats.to(device).clone(), shape.to(device).clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key, packed in freeze.items():
+            slot = self._slot(key)
+            for suffix, tensor in zip(_PACKED_SUFFIXES, packed or (None,) * 3):
+                name = f"{slot}_q{suffix}"
+                if tensor is None:
+                    self._buffers.pop(name, None)
+                    self._non_persistent_buffers_set.discard(name)
+                else:
+                    self.register_buffer(name, tensor, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """``model.half()`` / ``.to(bf16)`` must not round the stored ``[μ, σ]``: they keep fp32 (moved only)."""
+        stats = {n: b for n, b in self._buffers.items() if n.endswith("_qstats")}
+        super()._apply(fn, recurse)
+        for name, old in stats.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class LowBitLoraAdapter(LowBitAdapter, LoraAdapter):
+    """LoRA with quantized factors: ``ΔW = s·Q(B)·Q(A)`` (``A`` = down, ``B`` = up)."""
+
+    _UP, _DOWN = "lora_B", "lora_A"
+    lora_A = _factor("lora_A", "LoRA down factor (r, I·ΠK) as used: fake-quantized if quantized.")
+    lora_B = _factor("lora_B", "LoRA up factor (O, r) as used: fake-quantized if quantized.")
+
+
+class LowBitLavaAdapter(LowBitAdapter, LavaAdapter):
+    """LAVA with quantized factors (CP on conv kernels; ``U`` = up, ``V`` = down, ``P`` spatial)."""
+
+    _UP, _DOWN = "lava_U", "lava_V"
+    lava_U = _factor("lava_U", "LAVA output factor (O, r) as used: fake-quantized if quantized.")
+    lava_V = _factor("lava_V", "LAVA input factor (r, I) as used: fake-quantized if quantized.")
+
+    def _raw_modes(self) -> list[nn.Parameter]:
+        return list(self._modules["lava_P"])
+
+    @property
+    def lava_P(self):
+        """The spatial factors as used: the ``ParameterList`` itself when none is quantized,
+        else a list of the fake-quantized ``(r, K_k)`` factors."""
+        modes = self.__dict__["_modules"].get("lava_P")
+        if modes is None:
+            raise AttributeError("lava_P")
+        if not any(k.startswith("lava_P.") for k in self.__dict__.get("quantized_keys", ())):
+            return modes
+        return [self._effective(f"lava_P.{i}", p) for i, p in enumerate(modes)]
+
+
+register_method("lowbit", LowBitConfig, LowBitAdapter)
