@@ -62,6 +62,7 @@ class Variant:
     units_per_step: int
     role: str = "lava"  # "frozen" | "peft" | "lava" | "other"
     group: str = ""  # ratios are taken to the frozen / PEFT rows of the same group (e.g. "eager", "compiled")
+    peft_ref: str | None = None  # name of the PEFT row to compare with (default: the group's first PEFT row)
     notes: str = ""
     lr: float = 1e-4
     optimizer: torch.optim.Optimizer | None = None
@@ -231,6 +232,9 @@ def summarize(variants: list[Variant], unit: str) -> list[dict]:
         row: dict[str, Any] = {"name": v.name, "role": v.role, "group": v.group, "notes": v.notes,
                                "trainable_params": v.trainable}
         by_role = {role: ref for (group, role), ref in refs.items() if group == v.group}
+        named = {u.name: u for u in variants}
+        if v.peft_ref in named and named[v.peft_ref].times:
+            by_role["peft"] = named[v.peft_ref]
         if v.error or not v.times:
             row["error"] = v.error or "not run"
             rows.append(row)

@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also run torch.compile'd rows (text scenarios)")
     p.add_argument("--quant", choices=["bnb-4bit", "torchao-int8"], help="quantize the base linears (llm / llm-quant)")
     p.add_argument("--orth-lambda", type=float, default=0.1)
+    p.add_argument("--shira", action="store_true", help="text scenarios: add SHiRA rows (HF PEFT and ours, r·(O+I) entries)")
     p.add_argument("--ablation", action="store_true",
                    help="text scenarios: add rows with the linear fast-path changes undone one at a time")
     # sizes (0/None = the scenario's full-size default)

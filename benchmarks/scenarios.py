@@ -87,6 +87,8 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
     for mode in modes:
         suffix = "" if mode == "eager" else "+compile"
         kinds = ["frozen", "peft-lora", "lava-lora", "lava"]
+        if getattr(args, "shira", False):
+            kinds += ["peft-shira", "lava-shira"]
         if mode == "eager" and getattr(args, "ablation", False):
             from .ablation import STAGES
 
@@ -106,6 +108,14 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
             elif kind == "peft-lora":
                 model = _peft_lora(model, r, alpha, targets)
                 role, notes = "peft", f"HF PEFT LoraConfig(r={r}, lora_alpha={alpha}), default autocast_adapter_dtype"
+            elif kind == "peft-shira":
+                from peft import ShiraConfig, get_peft_model
+
+                model = get_peft_model(model, ShiraConfig(r=r, target_modules=targets, random_seed=0))
+                role, notes = "peft", f"HF PEFT ShiraConfig(r={r}) random mask: r·(O+I) entries per layer"
+            elif kind == "lava-shira":
+                model = lp.adapt(model, lp.ShiraConfig(r=r, target_modules=lava_targets))
+                role, notes = "lava", f"lava_peft ShiraConfig(r={r}) random mask, the same entries as PEFT's"
             elif kind == "lava-lora":
                 model = lp.adapt(model, lp.LoraConfig(r=r, alpha=alpha, target_modules=lava_targets))
                 role, notes = "lava", f"lava_peft LoraConfig(r={r}, alpha={alpha})"
@@ -139,7 +149,9 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
                     loss = loss + reg_model.regularization_loss()
                 return loss
 
-            variants.append(Variant(name, model, step, make_batch, units, role=role, group=mode, notes=notes))
+            peft_ref = ("peft-shira" + suffix) if kind.endswith("-shira") else None  # SHiRA vs PEFT's SHiRA
+            variants.append(Variant(name, model, step, make_batch, units, role=role, group=mode, notes=notes,
+                                    peft_ref=peft_ref))
     return variants
 
 

@@ -47,6 +47,14 @@ def test_tiny_scenario_writes_json_and_markdown(tmp_path):
     assert "| lava |" in md
 
 
+def test_shira_rows_compare_with_pefts_shira(tmp_path):
+    data, _ = _run(tmp_path, "tiny", "--shira", "--no-memory", "--variants", "frozen,peft-lora,peft-shira,lava-shira")
+    rows = _check_rows(data, ["frozen", "peft-lora", "peft-shira", "lava-shira"])
+    assert rows["lava-shira"]["trainable_params"] == rows["peft-shira"]["trainable_params"]
+    peft_shira = rows["peft-shira"]["step_ms"]
+    assert rows["lava-shira"]["x_peft"] == pytest.approx(peft_shira / rows["lava-shira"]["step_ms"], rel=1e-3)
+
+
 def test_cnn_scenario_smoke(tmp_path):
     data, _ = _run(tmp_path, "cnn", "--blocks", "1,1,1,1", "--image-size", "32", "--batch", "2", "--no-memory",
                    "--variants", "frozen,peft-lora-conv,lava-conv,lava-conv-separable")
