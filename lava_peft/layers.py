@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterNameError, LavaError
-from .fused_linear import frozen_linear_weight, fusable, lowrank_linear
+from .fused_linear import frozen_linear_weight, fusable
 
 BASE_NAME = "__base__"
 """Name that selects the plain base model for a sample in a mixed-adapter batch."""
@@ -388,23 +388,23 @@ class AdaptedLayer(nn.Module):
                 weight = weight + self.ops.to_base_layout(self.adapters[n].delta_weight()).to(weight.dtype)
             out = self.ops.forward_with_weight(self.base_layer, x, weight)
         else:
-            out, rest = self._base_and_first_lowrank(x, rest)
+            out, rest = self._base_and_first_fused(x, rest)
         for n in rest:
             out = self.adapters[n](x, out, self)
         return out
 
-    def _base_and_first_lowrank(self, x, names: list[str]):
-        """The base output, fused with the first adapter's low-rank term where possible.
+    def _base_and_first_fused(self, x, names: list[str]):
+        """The base output, fused with the first adapter's term where that adapter offers it.
 
-        A frozen plain ``nn.Linear`` whose first adapter offers ``linear_factors()`` runs as
-        one autograd node (:mod:`lava_peft.fused_linear`); returns ``(out, names left)``.
+        On a frozen plain ``nn.Linear`` the first adapter's ``fused_linear(x, W, b)`` may run
+        base and adapter as one autograd node (low rank: :mod:`lava_peft.fused_linear`;
+        sparse: :mod:`lava_peft.fused_sparse`); returns ``(out, names left)``.
         """
         base = frozen_linear_weight(self.base_layer) if names else None
         if base is not None and fusable(x, base[0]):
-            factors = self.adapters[names[0]].linear_factors()
-            if factors is not None:
-                down, up, scale = factors
-                return lowrank_linear(x, base[0], base[1], down, up, scale), names[1:]
+            out = self.adapters[names[0]].fused_linear(x, base[0], base[1])
+            if out is not None:
+                return out, names[1:]
         return self.base_layer(x), names
 
     def _forward_mixed(self, x, names):

@@ -564,3 +564,81 @@ def test_merging_into_a_quantized_base_is_refused_and_changes_nothing():
         model.merge_adapter()
     assert model.merged_adapters == []
     assert torch.equal(model.model[0].base_layer.weight, before)  # layer 0 (not quantized) untouched too
+
+
+# =========================================================================== sparse Linear node
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 3, 12)])
+def test_fused_sparse_node_equals_composed_weight_path(bias, shape):
+    """SHiRA on a Linear: one node with a sampled weight gradient == F.linear(x, W + ΔW) by autograd."""
+    torch.manual_seed(0)
+    model = lp.adapt(nn.ModuleDict({"lin": nn.Linear(12, 9, bias=bias)}), lp.ShiraConfig(r=2, alpha=0.7, target_modules=["lin"]))
+    _randomize(model)
+    layer = model.model["lin"]
+    adapter = layer.adapters["default"]
+    results = []
+    for fused in (True, False):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        if fused:
+            y = layer(x)
+            assert "_SparseDeltaLinearBackward" in _grad_fn_names(y)
+        else:  # independent: dense ΔW from the indices by hand
+            delta = torch.zeros(9 * 12).index_put((adapter.sparse_indices.long(),), adapter.sparse_values * 0.7)
+            y = F.linear(x, layer.base_layer.weight + delta.view(9, 12), layer.base_layer.bias)
+        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        results.append((y.detach(), x.grad, adapter.sparse_values.grad.clone()))
+        adapter.sparse_values.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_fused_sparse_node_gradcheck_and_pattern_follows_new_indices(tmp_path):
+    from lava_peft.fused_sparse import csr_pattern, sparse_delta_linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    idx = torch.tensor([0, 4, 7, 8, 13, 29], dtype=torch.int32)
+    crow, cols = csr_pattern(idx, 5, 6)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: sparse_delta_linear(x, w, b, v, idx, crow, cols, 0.5), (x, v))
+    # the cached CSR pattern follows an index buffer replaced in place (load / hot-swap)
+    net = lambda: nn.Sequential(nn.Linear(6, 5))  # noqa: E731
+    torch.manual_seed(1)
+    pristine = net()
+    a = lp.adapt(copy.deepcopy(pristine), lp.ShiraConfig(r=1, target_modules=["0"], seed=1))
+    b2 = lp.adapt(copy.deepcopy(pristine), lp.ShiraConfig(r=1, target_modules=["0"], seed=2))
+    for m in (a, b2):
+        _randomize(m)
+    xs = torch.randn(4, 6)
+    a(xs)  # builds and caches a's pattern
+    before = a.adapter_layers()[0][1].sparse_indices.clone()
+    assert not torch.equal(before, b2.adapter_layers()[0][1].sparse_indices)  # different masks
+    b2.save_pretrained(str(tmp_path))
+    from lava_peft.hotswap import hotswap_adapter
+
+    hotswap_adapter(a, str(tmp_path))
+    y = a(xs)
+    torch.testing.assert_close(y, b2(xs), **FP32)
+    y.sum().backward()  # the backward's sampled gradient uses the new pattern as well
+    ref = b2(xs)
+    ref.sum().backward()
+    torch.testing.assert_close(a.adapter_layers()[0][1].sparse_values.grad, b2.adapter_layers()[0][1].sparse_values.grad,
+                               **FP32)
+
+
+@pytest.mark.parametrize("case", ["bf16", "dropout", "autocast"])
+def test_sparse_adapter_cases_outside_the_node_take_the_weight_path(case):
+    torch.manual_seed(0)
+    model = lp.adapt(nn.ModuleDict({"lin": nn.Linear(12, 9)}),
+                     lp.ShiraConfig(r=2, target_modules=["lin"], dropout=0.3 if case == "dropout" else 0.0))
+    _randomize(model)
+    layer = model.model["lin"]
+    x = torch.randn(4, 12)
+    if case == "bf16":
+        layer.base_layer.to(torch.bfloat16)
+        x = x.bfloat16()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else contextlib.nullcontext()
+    with ctx:
+        y = layer(x)
+    assert "_SparseDeltaLinearBackward" not in _grad_fn_names(y)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fused_linear import lowrank_linear
 from ..layers import LayerSpec
 
 
@@ -80,6 +81,17 @@ class DeltaAdapter(nn.Module):
         (:mod:`lava_peft.fused_linear`); ``None`` keeps :meth:`forward`.
         """
         return None
+
+    def fused_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x (W + ΔW)ᵀ + b`` as one fused op for a frozen plain ``nn.Linear``, or ``None`` (not offered).
+
+        The default serves every method with :meth:`linear_factors`.
+        """
+        factors = self.linear_factors()
+        if factors is None:
+            return None
+        down, up, scale = factors
+        return lowrank_linear(x, weight, bias, down, up, scale)
 
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]

@@ -43,13 +43,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..config import AdapterConfig, _pattern_lookup, register_method
 from ..errors import AdapterFileError, LavaConfigError, LavaError
+from ..fused_linear import frozen_linear_weight
+from ..fused_sparse import csr_pattern, sparse_delta_linear, sparse_fusable
 from ..layers import LayerSpec
 from .base import DeltaAdapter, _dropout_active
 from .sparse_masks import MaskInputs, calibration_gradients, mask_builder, select_top
@@ -84,6 +86,11 @@ class ShiraConfig(AdapterConfig):
             read from a file has ``masks="saved"`` (the indices come from the adapter file).
     """
 
+    label: ClassVar[str] = "SHiRA"
+    """The method's name in error messages (subclasses such as LT-SFT set their own)."""
+    mask_helper: ClassVar[str] = "lava_peft.methods.shira.with_masks(model, config, ...)"
+    """How to build ``masks`` from a model, named in error messages."""
+
     r: int = 32
     alpha: float = 1.0
     density: float | None = None
@@ -98,31 +105,35 @@ class ShiraConfig(AdapterConfig):
         if self.masks != SAVED_MASKS:  # a saved adapter loads whatever builder made its indices
             mask_builder(self.mask_type)
         if self.use_rslora:
-            raise LavaConfigError("ShiraConfig: SHiRA has no rank-dependent scale (α is used as is); drop use_rslora")
+            raise LavaConfigError(
+                f"{type(self).__name__}: {self.label} has no rank-dependent scale (α is used as is); drop use_rslora"
+            )
         alphas = [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]
         for name, value in alphas:
             if not _is_number(value) or not math.isfinite(value):
-                raise LavaConfigError(f"ShiraConfig.{name} must be a finite number; got {value!r}")
+                raise LavaConfigError(f"{type(self).__name__}.{name} must be a finite number; got {value!r}")
         if self.density is not None and not (_is_number(self.density) and 0 < self.density <= 1):
             raise LavaConfigError(
-                f"ShiraConfig.density must be a fraction in (0, 1] (e.g. 0.01 for 1% of each weight); "
+                f"{type(self).__name__}.density must be a fraction in (0, 1] (e.g. 0.01 for 1% of each weight); "
                 f"got {self.density!r}"
             )
         for key, value in self.budget_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise LavaConfigError(f"ShiraConfig.budget_pattern[{key!r}] must be a positive integer; got {value!r}")
+                raise LavaConfigError(
+                    f"{type(self).__name__}.budget_pattern[{key!r}] must be a positive integer; got {value!r}"
+                )
         for name in ("seed", "mask_slot"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LavaConfigError(f"ShiraConfig.{name} must be a non-negative integer; got {value!r}")
+                raise LavaConfigError(f"{type(self).__name__}.{name} must be a non-negative integer; got {value!r}")
         masks = self.masks
         if masks is not None and masks != SAVED_MASKS:
             if not isinstance(masks, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in masks.items()
             ):
                 raise LavaConfigError(
-                    "ShiraConfig.masks must map module paths to tensors (scores, a bool mask or flat indices); "
-                    "build it with lava_peft.methods.shira.with_masks(model, config, ...)"
+                    f"{type(self).__name__}.masks must map module paths to tensors (scores, a bool mask or flat "
+                    f"indices); build it with {self.mask_helper}"
                 )
 
     def scale_for(self, module_name: str) -> float:
@@ -159,7 +170,8 @@ def shira_budget(spec: LayerSpec, config: ShiraConfig, module_name: str) -> int:
         how, fix = f"density={config.density} of {numel}", "raise density"
         if budget < 1:
             raise LavaConfigError(
-                f"SHiRA density={config.density} keeps no entry of {module_name} (weight {shape}, {numel} entries); "
+                f"{config.label} density={config.density} keeps no entry of {module_name} (weight {shape}, "
+                f"{numel} entries); "
                 f"raise density to at least {1 / numel:.3g} or set budget_pattern={{'{module_name}': <entries>}}"
             )
     else:
@@ -171,7 +183,8 @@ def shira_budget(spec: LayerSpec, config: ShiraConfig, module_name: str) -> int:
                else f"use density=<fraction> or budget_pattern={{'{module_name}': <entries>}}")
     if budget > numel:
         raise LavaConfigError(
-            f"SHiRA budget for {module_name} is {budget} entries ({how}) but its weight {shape} has only {numel}; {fix}"
+            f"{config.label} budget for {module_name} is {budget} entries ({how}) but its weight {shape} has only "
+            f"{numel}; {fix}"
         )
     return budget
 
@@ -244,6 +257,32 @@ class SparseDeltaAdapter(DeltaAdapter):
     def uses_weight_path(self) -> bool:
         """One op with ``W0 + ΔW`` on every layer type; a separate op only while input dropout is active."""
         return self.spec.kind == "embedding" or not _dropout_active(self)
+
+    def uses_weight_path_for(self, x, layer) -> bool:
+        """A plain frozen fp32 Linear on the CPU runs the fused sparse node instead (:meth:`fused_linear`)."""
+        return self.uses_weight_path() and not self._sparse_node_applies(x, layer.base_layer)
+
+    def _sparse_node_applies(self, x, base_layer) -> bool:
+        base = frozen_linear_weight(base_layer)
+        return (self.spec.kind == "linear" and not _dropout_active(self) and base is not None
+                and sparse_fusable(x, base[0]))
+
+    def fused_linear(self, x, weight, bias):
+        """``x (W + s·S)ᵀ + b`` with the sparse weight gradient (:mod:`lava_peft.fused_sparse`), or ``None``."""
+        if self.spec.kind != "linear" or _dropout_active(self) or not sparse_fusable(x, weight):
+            return None
+        self._ready()
+        crow, cols = self._csr_pattern()
+        return sparse_delta_linear(x, weight, bias, self.sparse_values, self.sparse_indices, crow, cols, self.scale)
+
+    def _csr_pattern(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR rows/columns of the mask in ``O×I``, cached until the index buffer changes (load, hot-swap)."""
+        idx = self.sparse_indices
+        key = (idx.data_ptr(), idx._version, idx.device)
+        if getattr(self, "_csr_key", None) != key:
+            self._csr = csr_pattern(idx, self.spec.out_dim, self._numel // self.spec.out_dim)
+            self._csr_key = key
+        return self._csr
 
     def max_rank(self) -> int:  # pragma: no cover - informational
         return min(self.spec.out_dim, self._numel // self.spec.out_dim)
@@ -335,7 +374,7 @@ class ShiraAdapter(SparseDeltaAdapter):
         needed = (config.mask_slot + 1) * budget
         if needed > numel and config.mask_for(module_name) is None and config.masks != SAVED_MASKS:
             raise LavaConfigError(
-                f"SHiRA mask_slot={config.mask_slot} on {module_name} needs {needed} entries "
+                f"{config.label} mask_slot={config.mask_slot} on {module_name} needs {needed} entries "
                 f"((slot+1)·budget) but the weight {spec.canonical_shape} has {numel}; lower mask_slot or the budget"
             )
 
@@ -351,20 +390,9 @@ def with_masks(model: nn.Module, config: ShiraConfig, batches=None, loss_fn=None
     base weights of adapted layers are used, as they are — merged adapters included).
     The result is passed to ``adapt``/``add_adapter`` unchanged.
     """
-    from ..inject import find_targets
-    from ..layers import AdaptedLayer, layer_ops
-    from ..model import AdaptedModel
-
     config.validate()
     builder = mask_builder(config.mask_type)
-    root = model.model if isinstance(model, AdaptedModel) else model
-    layers = []
-    for path, found in find_targets(root, config):
-        base = found.base_layer if isinstance(found, AdaptedLayer) else found
-        ops = layer_ops(base)
-        spec = ops.spec(base)
-        ShiraAdapter.check_layer(spec, config, path)
-        layers.append((path, base, ops, spec, shira_budget(spec, config, path)))
+    layers = mask_layers(model, config)
     grads = {}
     if "grad" in builder.needs:
         if batches is None or loss_fn is None:
@@ -373,14 +401,45 @@ def with_masks(model: nn.Module, config: ShiraConfig, batches=None, loss_fn=None
                 "and loss_fn=<callable(model, batch) -> loss>"
             )
         grads = calibration_gradients(model, batches, loss_fn, {path: base.weight for path, base, *_ in layers})
-    masks = {}
+    scores = layer_scores(layers, config, grad=grads)
+    masks = {path: select_top(scores[path], budget, config.mask_slot).cpu() for path, *_, budget in layers}
+    return dataclasses.replace(config, masks=masks)
+
+
+def mask_layers(model: nn.Module, config: ShiraConfig) -> list[tuple[str, nn.Module, Any, LayerSpec, int]]:
+    """``(path, base layer, layer ops, spec, budget)`` of every layer ``config`` targets, each checked
+    (budget and mask slot fit).  ``model`` is the base model or an :class:`~lava_peft.AdaptedModel`
+    (then the base layers of adapted layers)."""
+    from ..inject import find_targets
+    from ..layers import AdaptedLayer, layer_ops
+    from ..model import AdaptedModel
+
+    root = model.model if isinstance(model, AdaptedModel) else model
+    layers = []
+    for path, found in find_targets(root, config):
+        base = found.base_layer if isinstance(found, AdaptedLayer) else found
+        ops = layer_ops(base)
+        spec = ops.spec(base)
+        ShiraAdapter.check_layer(spec, config, path)
+        layers.append((path, base, ops, spec, shira_budget(spec, config, path)))
+    return layers
+
+
+def layer_scores(layers, config: ShiraConfig, **per_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{path: scores}`` of the builder ``config.mask_type`` for :func:`mask_layers`' layers (canonical layout).
+
+    ``per_layer`` gives further :class:`~lava_peft.methods.sparse_masks.MaskInputs` fields as
+    ``{path: tensor}`` in the weight's own layout (``grad=``, ``weight_change=``); the weight
+    itself is read when the builder needs it.
+    """
+    builder = mask_builder(config.mask_type)
+    out = {}
     for path, base, ops, spec, budget in layers:
         # the layer maps are transposes (their own inverses): to_base_layout also maps base -> canonical
+        extra = {name: ops.to_base_layout(values[path]) for name, values in per_layer.items() if path in values}
         weight = ops.to_base_layout(base.weight.detach()).float() if "weight" in builder.needs else None
-        grad = ops.to_base_layout(grads[path]) if path in grads else None
-        scores = builder.scores(MaskInputs(spec.canonical_shape, budget, config.seed, weight, grad))
-        masks[path] = select_top(scores, budget, config.mask_slot).cpu()
-    return dataclasses.replace(config, masks=masks)
+        out[path] = builder.scores(MaskInputs(spec.canonical_shape, budget, config.seed, weight=weight, **extra))
+    return out
 
 
 # =============================================================================== combination
@@ -479,5 +538,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["SAVED_MASKS", "ShiraAdapter", "ShiraConfig", "SparseDeltaAdapter", "export_peft_shira", "shira_budget",
-           "shira_indices", "with_masks"]
+__all__ = ["SAVED_MASKS", "ShiraAdapter", "ShiraConfig", "SparseDeltaAdapter", "export_peft_shira", "layer_scores",
+           "mask_layers", "shira_budget", "shira_indices", "with_masks"]
