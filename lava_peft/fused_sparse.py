@@ -25,6 +25,8 @@ other layers, dtypes and devices keep the composed weight path.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -57,8 +59,10 @@ class _SparseDeltaLinear(torch.autograd.Function):
             patched = weight.reshape(-1).index_add(0, indices, values.to(weight.dtype), alpha=ctx.scale)
             grad_x = (g2 @ patched.view_as(weight)).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(values, dtype=g2.dtype),
-                                              size=weight.shape, check_invariants=False)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used here is tested
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(values, dtype=g2.dtype),
+                                                  size=weight.shape, check_invariants=False)
             sampled = torch.sparse.sampled_addmm(pattern, g2.T, x2, beta=0.0)
             grad_values = (sampled.values() * ctx.scale).to(values.dtype)
         return grad_x, None, None, grad_values, None, None, None, None

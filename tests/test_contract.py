@@ -72,6 +72,9 @@ CONFIGS = {
         r=2, alpha=3, bits=3, factorization="lava", factor_init="lora", quantize="up", keep_latent=True,
         orth_lambda=0.1, orth_factors="all", target_modules=["0"]
     ),
+    "sft_random_l1": lambda: lp.SftConfig(density=0.3, mask_type="random", l1_lambda=0.1, target_modules=["0"]),
+    "sft_struct_r_alpha": lambda: lp.SftConfig(r=1, density=None, alpha=0.5, mask_type="struct", seed=3,
+                                               target_modules=["0"]),
     "shira_random": lambda: ShiraConfig(r=2, target_modules=["0"]),
     "shira_struct_density": lambda: ShiraConfig(density=0.3, alpha=0.5, mask_type="struct", target_modules=["0"]),
 }

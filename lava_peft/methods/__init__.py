@@ -7,6 +7,8 @@ from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
 from .lowbit import LowBitAdapter, LowBitConfig
 from .shira import ShiraAdapter, ShiraConfig, SparseDeltaAdapter
+from .sft import SftAdapter, SftConfig
 
 __all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "DyLoraAdapter", "DyLoraConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig", "LowBitAdapter", "LowBitConfig",
-           "ShiraAdapter", "ShiraConfig", "SparseDeltaAdapter"]
+           "ShiraAdapter", "ShiraConfig", "SftAdapter", "SftConfig",
+           "SparseDeltaAdapter"]

@@ -24,11 +24,14 @@ name                          score                                        needs
 ``"grad"``                    ``Σ_b |∇_W L_b|`` over calibration batches    ``grad``
 ``"snip"``                    ``|W| ⊙ Σ_b |∇_W L_b|`` (``= Σ_b |W⊙∇W|``)   ``weight``,
                                                                            ``grad``
+``"weight_change"``           ``|θ1 − θ0|`` after a dense training phase   ``weight_change``
+                              (LT-SFT's lottery ticket)
 ============================  ===========================================  ============
 
-``weight`` and ``grad`` are given in the canonical layout.  The gradient scores come
-from :func:`calibration_gradients`, the one calibration utility shared by every
-gradient-based mask.
+``weight``, ``grad`` and ``weight_change`` are given in the canonical layout.  The
+gradient scores come from :func:`calibration_gradients`, the one calibration utility
+shared by every gradient-based mask; the weight changes from :func:`weight_changes`
+(``lava_peft.methods.sft.lottery_ticket_masks`` runs it and selects the mask).
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ from torch import nn
 
 from ..errors import LavaConfigError, LavaError
 
-_NEEDS = ("weight", "grad")
+_NEEDS = ("weight", "grad", "weight_change")
+_HOW_TO_GET = {
+    "weight": "lava_peft.methods.shira.with_masks(model, config) reads it",
+    "grad": "lava_peft.methods.shira.with_masks(model, config, batches=..., loss_fn=...) computes it",
+    "weight_change": "lava_peft.methods.sft.lottery_ticket_masks(model, config, train_fn) computes it",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class MaskInputs:
     seed: int = 0
     weight: torch.Tensor | None = None
     grad: torch.Tensor | None = None
+    weight_change: torch.Tensor | None = None  # θ1 − θ0 after a dense training phase (LT-SFT)
 
     @property
     def numel(self) -> int:
@@ -69,7 +78,8 @@ class MaskBuilder:
     def scores(self, inputs: MaskInputs) -> torch.Tensor:
         for need in self.needs:
             if getattr(inputs, need) is None:
-                raise LavaConfigError(f"mask {self.name!r} needs the layer's {need}; none was given")
+                raise LavaConfigError(f"mask {self.name!r} needs the layer's {need}; none was given "
+                                      f"({_HOW_TO_GET[need]})")
         return self.fn(inputs)
 
 
@@ -79,9 +89,11 @@ _MASKS: dict[str, MaskBuilder] = {}
 def register_mask(name: str, fn: Callable[[MaskInputs], torch.Tensor], needs: Sequence[str] = ()) -> None:
     """Register ``fn(MaskInputs) -> scores`` (canonical shape, higher = kept first) under ``name``.
 
-    ``needs`` lists what the builder reads besides shape/budget/seed: ``"weight"`` and/or
-    ``"grad"`` (calibration gradients); builders that need them get their scores from the
-    model before the adapter is added (``lava_peft.methods.shira.with_masks``).
+    ``needs`` lists what the builder reads besides shape/budget/seed: ``"weight"``,
+    ``"grad"`` (calibration gradients) and/or ``"weight_change"`` (``θ1 − θ0`` of a dense
+    training phase); builders that need them get their scores from the model before the
+    adapter is added (``lava_peft.methods.shira.with_masks``,
+    ``lava_peft.methods.sft.lottery_ticket_masks``).
     """
     bad = [n for n in needs if n not in _NEEDS]
     if bad:
@@ -210,11 +222,16 @@ def _snip(inputs: MaskInputs) -> torch.Tensor:
     return (inputs.weight.float() * inputs.grad.float()).abs()
 
 
+def _weight_change(inputs: MaskInputs) -> torch.Tensor:
+    return inputs.weight_change.float().abs()
+
+
 register_mask("random", random_scores)
 register_mask("struct", struct_scores)
 register_mask("weight_magnitude", _weight_magnitude, needs=("weight",))
 register_mask("grad", _grad, needs=("grad",))
 register_mask("snip", _snip, needs=("weight", "grad"))
+register_mask("weight_change", _weight_change, needs=("weight_change",))
 
 
 # =============================================================================== calibration
@@ -301,6 +318,66 @@ def calibration_gradients(
     return sums
 
 
+def weight_changes(
+    model: nn.Module,
+    train_fn: Callable[[nn.Module], Any],
+    targets: Sequence[str] | Mapping[str, torch.Tensor],
+    also_train: Iterable[torch.Tensor] = (),
+) -> dict[str, torch.Tensor]:
+    """``{target: θ1 − θ0}`` (fp32, the weight's own layout) after ``train_fn(model)`` trains
+    the targeted weights densely; the model is then put back exactly as it was.
+
+    While ``train_fn`` runs, the targeted weights (and the tensors of ``also_train``, e.g.
+    a new classifier head) are the only parameters that require grad, and every ``.grad``
+    starts at ``None``.  Afterwards — in a ``finally``, so also when ``train_fn`` raises —
+    every parameter and buffer of ``model`` gets back its value (bit for bit, in place),
+    its tensor object, its ``requires_grad`` and its ``.grad``, and every module its
+    train/eval mode.  This needs one copy of the model's parameters and buffers.  A model
+    that ``train_fn`` moved to another device stays there.
+
+    Args:
+        model: any module (``train_fn`` receives it).
+        train_fn: ``train_fn(model)`` runs phase 1: it builds its optimizer over the
+            parameters that require grad and takes some steps (its result is ignored).
+        targets: module paths (their ``weight``; for adapted layers the base weight) or
+            ``{key: weight tensor}``, as in :func:`calibration_gradients`.
+        also_train: further tensors trained in phase 1 and restored afterwards.
+    """
+    weights = _target_weights(model, targets)
+    for key, w in weights.items():
+        if not w.is_floating_point():
+            raise LavaConfigError(f"the weight of {key!r} has dtype {w.dtype}; a dense training phase needs a "
+                                  "floating-point weight (build the masks on the unquantized model)")
+    trained = list(dict.fromkeys([*weights.values(), *also_train]))
+    slots = [(m, kind, name, t) for m in model.modules() for kind in ("_parameters", "_buffers")
+             for name, t in getattr(m, kind).items() if t is not None]
+    tensors = list(dict.fromkeys([*(t for *_, t in slots), *trained]))
+    saved = {t: (t.detach().clone(), t.requires_grad, t.grad) for t in tensors}
+    modes = [(m, m.training) for m in model.modules()]
+    changes: dict[str, torch.Tensor] = {}
+    try:
+        for t in tensors:
+            if isinstance(t, nn.Parameter):
+                t.requires_grad_(False)
+                t.grad = None
+        for t in trained:
+            t.requires_grad_(True)
+        train_fn(model)
+        with torch.no_grad():
+            changes = {k: w.detach().float() - saved[w][0].float() for k, w in weights.items()}
+    finally:
+        with torch.no_grad():
+            for m, kind, name, t in slots:
+                getattr(m, kind)[name] = t
+            for t, (value, flag, grad) in saved.items():
+                t.copy_(value)
+                t.requires_grad_(flag)
+                t.grad = grad if grad is None or grad.device == t.device else grad.to(t.device)
+        for m, mode in modes:
+            m.training = mode
+    return changes
+
+
 __all__ = [
     "MaskBuilder",
     "MaskInputs",
@@ -312,4 +389,5 @@ __all__ = [
     "registered_masks",
     "select_top",
     "struct_scores",
+    "weight_changes",
 ]
