@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .layers import BASE_NAME, AdaptedLayer
-from .methods import DeltaAdapter, DyLoraConfig, LavaConfig, LoraConfig, LowBitConfig, SftConfig, ShiraConfig
+from .methods import DeltaAdapter, DyLoraConfig, LavaConfig, LoraConfig, LowBitConfig, MosaConfig, SftConfig, ShiraConfig
 from .model import AdaptedModel, adapt
 from .train import Trainer, TrainingArguments, set_seed
 from .methods.dense_delta import DenseDeltaConfig
@@ -41,6 +41,7 @@ __all__ = [
     "LavaError",
     "LoraConfig",
     "LowBitConfig",
+    "MosaConfig",
     "SftConfig",
     "ShiraConfig",
     "TargetModulesError",

@@ -87,6 +87,11 @@ def export_peft(
         from .methods.shira import export_peft_shira
 
         return export_peft_shira(model, save_directory, name, base_model_name_or_path)
+    if config.method == "mosa":
+        raise LavaConfigError(
+            f"adapter {name!r} is a MoSA adapter (split into sparse modules while training); merge its modules "
+            "into a plain LoRA/LAVA adapter first: lava_peft.methods.mosa.merge_modules(model, name), then export"
+        )
     if config.method == "dylora":
         raise LavaConfigError(
             f"adapter {name!r} is a DyLoRA adapter (every rank at once); HF PEFT has no DyLoRA. Export it at one "

@@ -72,6 +72,14 @@ CONFIGS = {
         r=2, alpha=3, bits=3, factorization="lava", factor_init="lora", quantize="up", keep_latent=True,
         orth_lambda=0.1, orth_factors="all", target_modules=["0"]
     ),
+    # MoSA: modules drawn per training step; the zero-initialised LoRA up factor split "up" would leave
+    # some tensors without gradient in the few steps of the contract, so LAVA (U non-zero) and "all" rows
+    "mosa_lava": lambda: lp.MosaConfig(r=2, alpha=4, target_modules=["0"], factorization="lava"),
+    "mosa_lora_all": lambda: lp.MosaConfig(r=2, alpha=4, target_modules=["0"], split="all", n_modules=2),
+    "mosa_lava_all_global": lambda: lp.MosaConfig(
+        r=2, alpha=4, target_modules=["0"], factorization="lava", split="all", n_modules=2, module_sampling="global",
+        orth_lambda=0.1, rescale=False
+    ),
     "sft_random_l1": lambda: lp.SftConfig(density=0.3, mask_type="random", l1_lambda=0.1, target_modules=["0"]),
     "sft_struct_r_alpha": lambda: lp.SftConfig(r=1, density=None, alpha=0.5, mask_type="struct", seed=3,
                                                target_modules=["0"]),

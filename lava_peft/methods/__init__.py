@@ -6,9 +6,10 @@ from .dylora import DyLoraAdapter, DyLoraConfig
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
 from .lowbit import LowBitAdapter, LowBitConfig
+from .mosa import MosaAdapter, MosaConfig
 from .shira import ShiraAdapter, ShiraConfig, SparseDeltaAdapter
 from .sft import SftAdapter, SftConfig
 
-__all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "DyLoraAdapter", "DyLoraConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig", "LowBitAdapter", "LowBitConfig",
+__all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "DyLoraAdapter", "DyLoraConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig", "LowBitAdapter", "LowBitConfig", "MosaAdapter", "MosaConfig",
            "ShiraAdapter", "ShiraConfig", "SftAdapter", "SftConfig",
            "SparseDeltaAdapter"]
