@@ -32,14 +32,12 @@ call, i.e. one adapter name) share a :class:`RankSampler`: a counter-based gener
 ``b = r_min + H(seed, step, layer) mod (r − r_min + 1)`` (``H`` a 64-bit mixing hash;
 ``layer`` the adapter's index in construction order; ``"global"`` mode hashes no layer,
 so every layer gets the same ``b``, clipped to its own ``r`` when ``rank_pattern`` gives
-layers different ranks).  ``step`` counts forward passes and advances by itself: a new
-step begins when a layer that already drew in the current step draws again.  That needs
-no hook in the model (every adapted layer runs once per forward pass of an ordinary
-model), makes each draw independent of call order, and is reproducible from ``seed``
-alone.  A layer called twice in one forward pass (shared weights) starts a new step for
-the layers after it.  Re-computation under activation checkpointing (inside the
-backward pass) reuses the rank of the forward instead of drawing.  ``sampler.step`` is
-not saved; to resume sampling exactly, set it on :func:`rank_sampler` after loading.
+layers different ranks).  ``step`` counts forward passes and advances by itself
+(:class:`~.factorized.StepCounter`: a new step begins when a layer that already drew in
+the current step draws again), so the draws are reproducible from ``seed`` alone.
+Re-computation under activation checkpointing (inside the backward pass) reuses the rank
+of the forward instead of drawing.  ``sampler.step`` is not saved; to resume sampling
+exactly, set it on :func:`rank_sampler` after loading.
 
 Within one layer call the rank is drawn once, at the layer's first question to the
 adapter (``uses_weight_path_for``, or ``forward``/``linear_factors`` for a mixed batch),
@@ -58,23 +56,23 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..combine import Factors
-from ..config import AdapterConfig, register_method
-from ..errors import AdapterNameError, LavaConfigError
+from ..errors import LavaConfigError
 from ..inject import saved_module_wrappers
 from .base import DeltaAdapter, _dropout_active, lowrank_forward
 from .cp_conv import cp_conv_separable
+from .factorized import (FACTORIZATIONS, LAVA_FIELDS, FactorizedAdapter, FactorizedConfig,  # noqa: F401
+                         StepCounter, adapter_of_method, factor_parameter, in_backward, register_factorized,
+                         shared_per_config)
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
 
-FACTORIZATIONS = ("lora", "lava")
 UPDATE_MODES = ("full", "frozen")
 RANK_SAMPLING = ("per_layer", "global")
-_LAVA_ONLY = ("orth_lambda", "orth_factors", "spatial_init", "conv_path")
 
 
 # =============================================================================== config
 @dataclass
-class DyLoraConfig(AdapterConfig):
+class DyLoraConfig(FactorizedConfig):
     """DyLoRA: ``r`` is ``r_max``; every rank in ``[r_min, r]`` is trained.
 
     Args:
@@ -91,39 +89,29 @@ class DyLoraConfig(AdapterConfig):
             ``"orthogonal"`` / ``"lora"`` (as :class:`LavaConfig`).  ``None``: the method's default.
         orth_lambda, orth_factors, spatial_init, conv_path: as in :class:`LavaConfig`; only for
             ``factorization="lava"`` (``None`` there means LAVA's default).
+
+    With ``factorization="lava"`` the options left ``None`` are set to LAVA's defaults (and
+    ``init`` to the factorization's default), so a saved config names them.
     """
 
     r_min: int = 1
-    factorization: str = "lora"
     update: str = "full"
     rank_sampling: str = "per_layer"
     seed: int = 0
     eval_rank: int | None = None
     init: str | None = None
-    orth_lambda: float | None = None
-    orth_factors: str | None = None
-    spatial_init: str | None = None
-    conv_path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.factorization == "lava":
-            defaults = LavaConfig.__dataclass_fields__
-            self.init = self.init if self.init is not None else defaults["init"].default
-            for key in ("orth_lambda", "spatial_init", "conv_path"):
+        plain = {"lora": (LoraConfig, ()), "lava": (LavaConfig, LAVA_FIELDS)}.get(self.factorization)
+        if plain is not None:
+            for key in ("init", *plain[1]):
                 if getattr(self, key) is None:
-                    setattr(self, key, defaults[key].default)
-            if self.orth_factors is None:
+                    setattr(self, key, plain[0].__dataclass_fields__[key].default)
+            if self.factorization == "lava" and self.orth_factors is None:
                 self.orth_factors = "in" if self.init == "lora" else "out"
-        elif self.factorization == "lora" and self.init is None:
-            self.init = LoraConfig.__dataclass_fields__["init"].default
         super().__post_init__()
 
-    def validate(self) -> None:
-        super().validate()
-        if self.factorization not in FACTORIZATIONS:
-            raise LavaConfigError(
-                f"DyLoraConfig.factorization must be 'lora' or 'lava'; got {self.factorization!r}"
-            )
+    def validate_fields(self) -> None:
         if self.update not in UPDATE_MODES:
             raise LavaConfigError(
                 f"DyLoraConfig.update must be 'full' (the first b components learn) or 'frozen' (only component b "
@@ -152,29 +140,6 @@ class DyLoraConfig(AdapterConfig):
                     f"DyLoraConfig.eval_rank must be an integer in [r_min, r] = [{self.r_min}, {top}] or None; "
                     f"got {self.eval_rank!r}"
                 )
-        if self.factorization == "lora":
-            extra = [k for k in _LAVA_ONLY if getattr(self, k) is not None]
-            if extra:
-                raise LavaConfigError(
-                    f"DyLoraConfig fields {extra} apply to factorization='lava' only; drop them or set "
-                    "factorization='lava'"
-                )
-        try:
-            self.plain_config()  # the factorization's own checks (init, orth_factors, ...)
-        except LavaConfigError as exc:
-            raise LavaConfigError(f"DyLoraConfig(factorization={self.factorization!r}): {exc}") from None
-
-    def regularization_weight(self) -> float:
-        return float(self.orth_lambda) if self.factorization == "lava" else 0.0
-
-    def plain_config(self, **changes: Any) -> AdapterConfig:
-        """The :class:`LoraConfig` / :class:`LavaConfig` with this config's fields (and ``changes``)."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
-        if self.factorization == "lava":
-            cls, own = LavaConfig, {k: getattr(self, k) for k in ("init", *_LAVA_ONLY)}
-        else:
-            cls, own = LoraConfig, {"init": self.init}
-        return cls(**{**shared, **own, **changes})
 
 
 # =============================================================================== rank sampler
@@ -192,27 +157,24 @@ def _mix(*values: int) -> int:
     return z
 
 
-class RankSampler:
+class RankSampler(StepCounter):
     """Draws the training rank of every (step, layer) for the adapters of one adapter name.
 
     ``b = r_min + H(seed, step, layer) mod (r_layer − r_min + 1)`` (``"per_layer"``) or
     ``min(r_layer, r_min + H(seed, step) mod (r_top − r_min + 1))`` (``"global"``, ``r_top``
-    the largest layer rank).  ``step`` advances when a layer draws a second time (see the
-    module docstring); it can be read or set to resume a run.
+    the largest layer rank).  ``step`` advances when a layer draws a second time
+    (:class:`~.factorized.StepCounter`); it can be read or set to resume a run.
     """
 
     def __init__(self, seed: int, r_min: int, mode: str):
+        super().__init__()
         self.seed, self.r_min, self.mode = int(seed), int(r_min), mode
-        self.step = 0
-        self._n_layers = 0
         self._r_top = r_min
-        self._drawn: set[int] = set()
 
     def register(self, r: int) -> int:
         """A new layer of rank ``r`` joins; returns its index."""
         self._r_top = max(self._r_top, r)
-        self._n_layers += 1
-        return self._n_layers - 1
+        return super().register()
 
     def rank(self, step: int, layer: int, r: int) -> int:
         """The rank of ``layer`` (rank ``r``) at ``step`` (pure function)."""
@@ -221,39 +183,11 @@ class RankSampler:
         return self.r_min + _mix(self.seed, step, layer) % (r - self.r_min + 1)
 
     def draw(self, layer: int, r: int) -> int:
-        if layer in self._drawn:
-            self.step += 1
-            self._drawn.clear()
-        self._drawn.add(layer)
-        return self.rank(self.step, layer, r)
-
-
-def _shared_sampler(config: DyLoraConfig) -> RankSampler:
-    """The sampler of the adapters built from ``config`` (kept on the config object, never saved)."""
-    sampler = config.__dict__.get("_rank_sampler")
-    if sampler is None or (sampler.seed, sampler.r_min, sampler.mode) != (config.seed, config.r_min,
-                                                                           config.rank_sampling):
-        sampler = RankSampler(config.seed, config.r_min, config.rank_sampling)
-        config.__dict__["_rank_sampler"] = sampler
-    return sampler
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+        return self.rank(self.tick(layer), layer, r)
 
 
 # =============================================================================== adapters
-def _lora_tensors(adapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return adapter.lora_B, [adapter.lora_A]
-
-
-def _lava_tensors(adapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return adapter.lava_U, [adapter.lava_V, *adapter.lava_P]
-
-
-class DyLoraAdapter(DeltaAdapter):
+class DyLoraAdapter(FactorizedAdapter):
     """The registered ``"dylora"`` adapter; constructing it gives a :class:`DyLoraLoraAdapter` or
     :class:`DyLoraLavaAdapter` (by ``config.factorization``), which subclass this class and
     :class:`LoraAdapter` / :class:`LavaAdapter`: the parameters, their init, their names in
@@ -264,13 +198,6 @@ class DyLoraAdapter(DeltaAdapter):
         last_rank: the rank of this layer's most recent forward call.
     """
 
-    plain_method = "base"
-
-    def __new__(cls, spec=None, config=None, module_name=None):
-        if cls is DyLoraAdapter:  # (copy/deepcopy call __new__ of the concrete class without arguments)
-            cls = DyLoraLavaAdapter if config.factorization == "lava" else DyLoraLoraAdapter
-        return super().__new__(cls)
-
     def __init__(self, spec, config: DyLoraConfig, module_name: str):
         super().__init__(spec, config, module_name)
         self.r_min = config.r_min
@@ -280,13 +207,8 @@ class DyLoraAdapter(DeltaAdapter):
         self.fixed_rank = min(config.eval_rank or self.r, self.r)
         self.last_rank: int | None = None
         self._armed: int | None = None  # rank drawn for the layer call in progress, not yet used
-        self._sampler = _shared_sampler(config)
+        self._sampler = shared_per_config(config, RankSampler, config.seed, config.r_min, config.rank_sampling)
         self._index = self._sampler.register(self.r)
-
-    @classmethod
-    def check_layer(cls, spec, config, module_name: str) -> None:
-        plain = LavaAdapter if config.factorization == "lava" else LoraAdapter
-        plain.check_layer(spec, config, module_name)
 
     # -- ranks -------------------------------------------------------------------
     def scale_at(self, b: int) -> float:
@@ -294,9 +216,10 @@ class DyLoraAdapter(DeltaAdapter):
         adapter of rank ``b`` computes it."""
         return self.alpha / (b**0.5) if self.use_rslora else self.alpha / b
 
-    def _raw_factors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:  # pragma: no cover - abstract
+    def _raw_factors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(up (O, r), modes)``: ``modes[0]`` the down factor ``(r, ·)``, then LAVA's ``P_k (r, K_k)``."""
-        raise NotImplementedError
+        up, *modes = (self.factor(key) for key in self.factor_keys())
+        return up, modes
 
     def truncated_factors(self, b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The first ``b`` components: slices (``"full"``), or with components ``< b`` detached (``"frozen"``)."""
@@ -310,7 +233,7 @@ class DyLoraAdapter(DeltaAdapter):
         """The rank of a new layer call: drawn in training, else :attr:`fixed_rank`."""
         if not self.training:
             return self.fixed_rank
-        if _in_backward() and self.last_rank is not None:
+        if in_backward() and self.last_rank is not None:
             return self.last_rank  # checkpoint recomputation: the rank of the forward
         return self._sampler.draw(self._index, self.r)
 
@@ -370,20 +293,10 @@ class DyLoraAdapter(DeltaAdapter):
 class DyLoraLoraAdapter(DyLoraAdapter, LoraAdapter):
     """DyLoRA on LoRA factors ``lora_A (r, I·ΠK)``, ``lora_B (O, r)`` (convs flattened)."""
 
-    plain_method = "lora"
-
-    def _raw_factors(self):
-        return _lora_tensors(self)
-
 
 class DyLoraLavaAdapter(DyLoraAdapter, LavaAdapter):
     """DyLoRA on LAVA factors ``lava_U (O, r)``, ``lava_V (r, I)``, ``lava_P[k] (r, K_k)``: on a conv the
     first ``b`` CP components; the orthogonality term acts on the active components."""
-
-    plain_method = "lava"
-
-    def _raw_factors(self):
-        return _lava_tensors(self)
 
     def _conv_forward(self, x, base_out, layer, b: int):
         if self.conv_path == "weight" and not self._dropout_active():
@@ -404,7 +317,7 @@ class DyLoraLavaAdapter(DyLoraAdapter, LavaAdapter):
         return [up, *(m.T for m in modes)]
 
 
-register_method("dylora", DyLoraConfig, DyLoraAdapter)
+register_factorized("dylora", DyLoraConfig, DyLoraAdapter, lora=DyLoraLoraAdapter, lava=DyLoraLavaAdapter)
 
 
 # =============================================================================== model-level API
@@ -417,17 +330,7 @@ def _check_rank_value(b, r_min: int, r_max: int, what: str) -> None:
 
 def _dylora(model, adapter_name: str | None):
     """``(name, config, [(path, adapter)])`` of a DyLoRA adapter of ``model``."""
-    name = adapter_name or model.active_adapter
-    if name is None:
-        raise AdapterNameError("the model has no active adapter; pass adapter_name=<a dylora adapter>")
-    model._check_known(name)
-    config = model.peft_config[name]
-    if not isinstance(config, DyLoraConfig):
-        raise LavaConfigError(
-            f"adapter {name!r} is a {config.method!r} adapter; rank control needs a 'dylora' adapter "
-            f"(this model's adapters: {sorted(model.peft_config)})"
-        )
-    return name, config, model.adapter_layers(name)
+    return adapter_of_method(model, adapter_name, DyLoraConfig, "rank control")
 
 
 def _check_model_rank(b, config: DyLoraConfig, layers, what: str) -> None:
@@ -520,11 +423,9 @@ def truncate_to_rank(model, b: int, adapter_name: str | None = None, new_name: s
         for path, _, new in plan.layers:
             old = source[path]
             bl = ranks[path]
-            up, modes = old._raw_factors()
-            new_up, new_modes = (_lava_tensors if old.plain_method == "lava" else _lora_tensors)(new)
-            new_up.copy_(up[:, :bl])
-            for dst, src in zip(new_modes, modes):
-                dst.copy_(src[:bl])
+            for i, key in enumerate(old.factor_keys()):  # the up factor first: its columns are the components
+                src = old.factor(key)
+                factor_parameter(new, key).copy_(src[:, :bl] if i == 0 else src[:bl])
     model._commit(plan)
     for _, wrapper in saved_module_wrappers(model.model):
         if name in wrapper.copies and new_name in wrapper.copies:

@@ -38,26 +38,23 @@ holds a copy of the dequantized value.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, register_method
 from ..errors import AdapterFileError, LavaConfigError, LavaError
 from ..layers import LayerSpec
 from ..lowbit import dequantize, fake_quantize, pack_codes, packed_size, quantize, unpack_codes
-from .base import DeltaAdapter
-from .lava import LavaAdapter, LavaConfig
-from .lora import LoraAdapter, LoraConfig
+from .factorized import FactorizedAdapter, FactorizedConfig, register_factorized
+from .lava import LavaAdapter
+from .lora import LoraAdapter
 
-_FACTOR_INITS = {"lora": ("default", "gaussian"), "lava": ("orthogonal", "lora")}
 _PACKED_SUFFIXES = ("codes", "stats", "shape")
 
 
 @dataclass
-class LowBitConfig(AdapterConfig):
+class LowBitConfig(FactorizedConfig):
     """Low-bit LoRA / LAVA.
 
     Args:
@@ -73,58 +70,35 @@ class LowBitConfig(AdapterConfig):
         orth_lambda, orth_factors, spatial_init, conv_path: LAVA's options (factorization
             ``"lava"`` only).  ``orth_lambda`` defaults to 0 here: the quantized ``U`` is not
             orthonormal at init, so the term would not start at 0.  When set, it acts on the
-            quantized factors (gradient by the straight-through estimator).
+            quantized factors (gradient by the straight-through estimator).  With
+            ``factorization="lora"`` only ``orth_lambda`` is checked (the others are ignored).
     """
 
+    factor_init_field = "factor_init"
+    lava_only = ("orth_lambda",)
+
     bits: int = 1
-    factorization: str = "lora"
     quantize: str = "all"
     init: str = "zero_delta"
     keep_latent: bool = False
     factor_init: str | None = None
     orth_lambda: float = 0.0
-    orth_factors: str | None = None
     spatial_init: str = "gaussian"
     conv_path: str = "auto"
 
-    def validate(self) -> None:
-        super().validate()
+    def validate_fields(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise LavaConfigError(
                 f"LowBitConfig.bits must be an integer from 1 to 8 (bits per stored weight); got {self.bits!r}"
             )
-        if self.factorization not in _FACTOR_INITS:
-            raise LavaConfigError(f"LowBitConfig.factorization must be 'lora' or 'lava'; got {self.factorization!r}")
         if self.quantize not in ("all", "up", "down"):
             raise LavaConfigError(f"LowBitConfig.quantize must be 'all', 'up' or 'down'; got {self.quantize!r}")
         if self.init not in ("zero_delta", "paper"):
             raise LavaConfigError(f"LowBitConfig.init must be 'zero_delta' or 'paper'; got {self.init!r}")
         if not isinstance(self.keep_latent, bool):
             raise LavaConfigError(f"LowBitConfig.keep_latent must be True or False; got {self.keep_latent!r}")
-        allowed = _FACTOR_INITS[self.factorization]
-        if self.factor_init is not None and self.factor_init not in allowed:
-            raise LavaConfigError(
-                f"LowBitConfig.factor_init for factorization={self.factorization!r} must be one of {allowed} "
-                f"or None; got {self.factor_init!r}"
-            )
-        if self.factorization == "lora" and self.orth_lambda != 0:
-            raise LavaConfigError("LowBitConfig.orth_lambda applies to factorization='lava' only; set it to 0 "
-                                  "or use factorization='lava'")
-        try:
-            self.factor_config()
-        except LavaConfigError as exc:
-            raise LavaConfigError(f"LowBitConfig (factorization={self.factorization!r}): {exc}") from None
 
-    def factor_config(self) -> LoraConfig | LavaConfig:
-        """The LoRA / LAVA config of the underlying (unquantized) method."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
-        if self.factorization == "lora":
-            return LoraConfig(**shared, init=self.factor_init or "default")
-        return LavaConfig(**shared, init=self.factor_init or "orthogonal", orth_lambda=self.orth_lambda,
-                          orth_factors=self.orth_factors, spatial_init=self.spatial_init, conv_path=self.conv_path)
-
-    def regularization_weight(self) -> float:
-        return self.orth_lambda if self.factorization == "lava" else 0.0
+    factor_config = FactorizedConfig.plain_config  # the LoRA / LAVA config of the underlying (unquantized) method
 
 
 def _factor(name: str, doc: str) -> property:
@@ -139,26 +113,15 @@ def _factor(name: str, doc: str) -> property:
     return property(get, doc=doc)
 
 
-class LowBitAdapter(DeltaAdapter):
+class LowBitAdapter(FactorizedAdapter):
     """Registered adapter class; constructs a :class:`LowBitLoraAdapter` or :class:`LowBitLavaAdapter`."""
-
-    _UP: str
-    _DOWN: str
-
-    def __new__(cls, *args, **kwargs):
-        if cls is LowBitAdapter:
-            config = args[1] if len(args) > 1 else kwargs["config"]
-            cls = {"lora": LowBitLoraAdapter, "lava": LowBitLavaAdapter}[config.factorization]
-        return super().__new__(cls)
 
     def __init__(self, spec: LayerSpec, config: LowBitConfig, module_name: str):
         super().__init__(spec, config.factor_config(), module_name)
         self.bits = config.bits
         self.keep_latent = config.keep_latent
-        keys = {"up": [self._UP], "down": [self._DOWN]}.get(config.quantize)
-        if keys is None:
-            keys = [self._UP, self._DOWN] + [f"lava_P.{i}" for i in range(len(self._raw_modes()))]
-        self.quantized_keys: tuple[str, ...] = tuple(keys)
+        keys = {"up": (self._UP,), "down": (self._DOWN,)}.get(config.quantize, self.factor_keys())
+        self.quantized_keys: tuple[str, ...] = keys
         if config.init == "paper":
             with torch.no_grad():
                 for key in self.quantized_keys:
@@ -166,20 +129,8 @@ class LowBitAdapter(DeltaAdapter):
                     if not torch.count_nonzero(latent):
                         nn.init.trunc_normal_(latent, std=1e-3, a=-2e-3, b=2e-3)
 
-    @classmethod
-    def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
-        parent = LoraAdapter if config.factorization == "lora" else LavaAdapter
-        parent.check_layer(spec, config, module_name)
-
     # -- factors ------------------------------------------------------------------
-    def _raw_modes(self) -> list[nn.Parameter]:
-        return []
-
-    def latent_factor(self, key: str) -> nn.Parameter:
-        """The fp32 parameter (the latent) behind factor ``key`` (``"lora_A"``, ``"lava_P.0"``, …)."""
-        owner, _, name = key.rpartition(".")
-        module = self._modules[owner] if owner else self
-        return module._parameters[name]
+    latent_factor = FactorizedAdapter.factor  # the fp32 parameter (the latent) behind factor ``key``
 
     @staticmethod
     def _slot(key: str) -> str:
@@ -298,7 +249,6 @@ class LowBitAdapter(DeltaAdapter):
 class LowBitLoraAdapter(LowBitAdapter, LoraAdapter):
     """LoRA with quantized factors: ``ΔW = s·Q(B)·Q(A)`` (``A`` = down, ``B`` = up)."""
 
-    _UP, _DOWN = "lora_B", "lora_A"
     lora_A = _factor("lora_A", "LoRA down factor (r, I·ΠK) as used: fake-quantized if quantized.")
     lora_B = _factor("lora_B", "LoRA up factor (O, r) as used: fake-quantized if quantized.")
 
@@ -306,12 +256,8 @@ class LowBitLoraAdapter(LowBitAdapter, LoraAdapter):
 class LowBitLavaAdapter(LowBitAdapter, LavaAdapter):
     """LAVA with quantized factors (CP on conv kernels; ``U`` = up, ``V`` = down, ``P`` spatial)."""
 
-    _UP, _DOWN = "lava_U", "lava_V"
     lava_U = _factor("lava_U", "LAVA output factor (O, r) as used: fake-quantized if quantized.")
     lava_V = _factor("lava_V", "LAVA input factor (r, I) as used: fake-quantized if quantized.")
-
-    def _raw_modes(self) -> list[nn.Parameter]:
-        return list(self._modules["lava_P"])
 
     @property
     def lava_P(self):
@@ -325,4 +271,4 @@ class LowBitLavaAdapter(LowBitAdapter, LavaAdapter):
         return [self._effective(f"lava_P.{i}", p) for i, p in enumerate(modes)]
 
 
-register_method("lowbit", LowBitConfig, LowBitAdapter)
+register_factorized("lowbit", LowBitConfig, LowBitAdapter, lora=LowBitLoraAdapter, lava=LowBitLavaAdapter)

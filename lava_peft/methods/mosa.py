@@ -47,9 +47,8 @@ one adapter name) share a :class:`ModuleSampler`.  Module of layer ``ℓ`` at st
 
 — a pure function of ``(seed, t, ℓ)``, so a run is reproducible from ``seed`` alone and can
 be resumed by setting ``sampler.step``.  ``t`` counts training forwards and advances by
-itself: a new step begins when a layer that already drew in the current step draws again
-(no hook in the model is needed; a layer called twice in one forward — shared weights —
-starts a new step for the layers after it).  A layer draws exactly once per call, when it
+itself (:class:`~.factorized.StepCounter`: a new step begins when a layer that already
+drew in the current step draws again).  A layer draws exactly once per call, when it
 computes its training contribution (``linear_factors()`` for the fused Linear node, else
 ``forward()``); evaluation forwards draw nothing.  Activation-checkpoint recomputation
 (inside the backward pass) reuses the layer's latest module.  :func:`set_module` fixes one
@@ -77,37 +76,34 @@ split factor at every step.  On convs a training forward runs LAVA's separable C
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..combine import Factors
-from ..config import AdapterConfig, register_method
-from ..errors import AdapterNameError, LavaConfigError, LavaError
+from ..errors import LavaConfigError, LavaError
 from ..inject import adapted_layers
 from ..layers import LayerSpec
-from .base import DeltaAdapter, _dropout_active, lowrank_forward
+from .base import _dropout_active, lowrank_forward
 from .cp_conv import cp_conv_separable
+from .factorized import (FACTORIZATIONS, FactorizedAdapter, FactorizedConfig, StepCounter,  # noqa: F401
+                         adapter_of_method, in_backward, register_factorized, shared_per_config)
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
 from .sparse_masks import MaskInputs, non_overlapping_masks, random_scores
 
-FACTORIZATIONS = ("lora", "lava")
 SPLITS = ("up", "down", "all")
 MODULE_SAMPLING = ("per_layer", "global")
-_LAVA_ONLY = ("orth_factors", "spatial_init", "conv_path")
 _SEED_MOD = 2**63
 
 
 # =============================================================================== config
 @dataclass
-class MosaConfig(AdapterConfig):
+class MosaConfig(FactorizedConfig):
     """MoSA on LoRA / LAVA factors.
 
     Args:
@@ -129,21 +125,14 @@ class MosaConfig(AdapterConfig):
     """
 
     n_modules: int = 4
-    factorization: str = "lora"
     split: str = "up"
     rescale: bool = True
     seed: int = 0
     module_sampling: str = "per_layer"
     init: str | None = None
     orth_lambda: float = 0.0
-    orth_factors: str | None = None
-    spatial_init: str | None = None
-    conv_path: str | None = None
 
-    def validate(self) -> None:
-        super().validate()
-        if self.factorization not in FACTORIZATIONS:
-            raise LavaConfigError(f"MosaConfig.factorization must be 'lora' or 'lava'; got {self.factorization!r}")
+    def validate_fields(self) -> None:
         if isinstance(self.n_modules, bool) or not isinstance(self.n_modules, int) or self.n_modules < 2:
             raise LavaConfigError(
                 f"MosaConfig.n_modules must be an integer >= 2 (the number of sparse modules); got {self.n_modules!r}. "
@@ -160,32 +149,6 @@ class MosaConfig(AdapterConfig):
                 f"MosaConfig.module_sampling must be 'per_layer' (each layer draws its module) or 'global' (one "
                 f"module per forward for every layer); got {self.module_sampling!r}"
             )
-        if self.factorization == "lora":
-            extra = [k for k in _LAVA_ONLY if getattr(self, k) is not None]
-            if self.orth_lambda != 0:
-                extra.insert(0, "orth_lambda")
-            if extra:
-                raise LavaConfigError(
-                    f"MosaConfig fields {extra} apply to factorization='lava' only; drop them or set "
-                    "factorization='lava'"
-                )
-        try:
-            self.plain_config()  # the factorization's own checks (init, orth_factors, ...)
-        except LavaConfigError as exc:
-            raise LavaConfigError(f"MosaConfig(factorization={self.factorization!r}): {exc}") from None
-
-    def regularization_weight(self) -> float:
-        return float(self.orth_lambda) if self.factorization == "lava" else 0.0
-
-    def plain_config(self, **changes: Any) -> LoraConfig | LavaConfig:
-        """The :class:`LoraConfig` / :class:`LavaConfig` of the merged adapter (this config's fields + ``changes``)."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
-        if self.factorization == "lava":
-            own = {"init": self.init or "orthogonal", "orth_lambda": self.orth_lambda,
-                   "orth_factors": self.orth_factors, "spatial_init": self.spatial_init or "gaussian",
-                   "conv_path": self.conv_path or "auto"}
-            return LavaConfig(**{**shared, **own, **changes})
-        return LoraConfig(**{**shared, "init": self.init or "default", **changes})
 
 
 # =============================================================================== partitions
@@ -221,7 +184,7 @@ def _owner_buffer(key: str) -> str:
 
 
 # =============================================================================== controller
-class ModuleSampler:
+class ModuleSampler(StepCounter):
     """Chooses the module of every (training forward, layer) for the adapters of one adapter name.
 
     ``module(t, ℓ)`` is a pure function of ``(seed, t, ℓ)`` (module docstring); ``draw(ℓ)``
@@ -236,18 +199,11 @@ class ModuleSampler:
     """
 
     def __init__(self, seed: int, n_modules: int, mode: str):
+        super().__init__()
         self.seed, self.n_modules, self.mode = int(seed), int(n_modules), mode
-        self.step = 0
         self.fixed: int | None = None
         self.avoid: dict[int, int] | None = None
-        self._n_layers = 0
-        self._drawn: set[int] = set()
         self._cache: tuple | None = None
-
-    def register(self) -> int:
-        """A new layer joins; returns its index."""
-        self._n_layers += 1
-        return self._n_layers - 1
 
     def _draws(self, step: int) -> tuple[list[int], list[int]]:
         """``(g_t, o_t)``: per layer (one entry in ``"global"`` mode) a module and an offset in ``[0, N−1)``."""
@@ -269,35 +225,16 @@ class ModuleSampler:
         return (avoid + 1 + offset[i]) % self.n_modules
 
     def draw(self, layer: int) -> int:
-        if layer in self._drawn:
-            self.step += 1
-            self._drawn.clear()
-        self._drawn.add(layer)
+        step = self.tick(layer)
         if self.avoid is not None and layer in self.avoid:
-            return self.module(self.step, layer, self.avoid[layer])
+            return self.module(step, layer, self.avoid[layer])
         if self.fixed is not None:
             return self.fixed
-        return self.module(self.step, layer)
-
-
-def _shared_sampler(config: MosaConfig) -> ModuleSampler:
-    """The sampler of the adapters built from ``config`` (kept on the config object, never saved)."""
-    sampler = config.__dict__.get("_module_sampler")
-    if sampler is None or (sampler.seed, sampler.n_modules, sampler.mode) != (
-            config.seed, config.n_modules, config.module_sampling):
-        sampler = ModuleSampler(config.seed, config.n_modules, config.module_sampling)
-        config.__dict__["_module_sampler"] = sampler
-    return sampler
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (activation-checkpoint recomputation)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+        return self.module(step, layer)
 
 
 # =============================================================================== adapters
-class MosaAdapter(DeltaAdapter):
+class MosaAdapter(FactorizedAdapter):
     """The registered ``"mosa"`` adapter; constructing it gives a :class:`MosaLoraAdapter` or
     :class:`MosaLavaAdapter` (by ``config.factorization``).  Those subclass this class and
     :class:`LoraAdapter` / :class:`LavaAdapter`: parameters, init, file keys and rank checks
@@ -309,15 +246,6 @@ class MosaAdapter(DeltaAdapter):
         last_module: the module of this layer's latest training forward (``None`` before one).
     """
 
-    plain_method = "base"
-    plain_class: type[DeltaAdapter] = DeltaAdapter
-    _UP = _DOWN = ""
-
-    def __new__(cls, spec=None, config=None, module_name=None):
-        if cls is MosaAdapter:  # (copy/deepcopy call __new__ of the concrete class without arguments)
-            cls = _concrete(config)
-        return super().__new__(cls)
-
     def __init__(self, spec: LayerSpec, config: MosaConfig, module_name: str):
         super().__init__(spec, config.plain_config(), module_name)
         self.n_modules = config.n_modules
@@ -328,7 +256,7 @@ class MosaAdapter(DeltaAdapter):
             owner = partition(tuple(self.factor(key).shape), self.n_modules, seed)
             self.register_buffer(_owner_buffer(key), owner, persistent=False)
         self.last_module: int | None = None
-        self._sampler = _shared_sampler(config)
+        self._sampler = shared_per_config(config, ModuleSampler, config.seed, config.n_modules, config.module_sampling)
         self._index = self._sampler.register()
 
     # -- factors -------------------------------------------------------------------
@@ -336,12 +264,6 @@ class MosaAdapter(DeltaAdapter):
     def factor_shapes(spec: LayerSpec, r: int) -> dict[str, tuple[int, ...]]:  # pragma: no cover - abstract
         """``{factor key: shape}``, the up factor first, then the down factor (then LAVA's ``P_m``)."""
         raise NotImplementedError
-
-    def factor(self, key: str) -> nn.Parameter:
-        """The parameter ``key`` (``"lora_A"``, ``"lava_P.0"``, …): the full factor."""
-        owner, _, name = key.rpartition(".")
-        module = self._modules[owner] if owner else self
-        return module._parameters[name]
 
     def module_mask(self, key: str, k: int) -> torch.Tensor:
         """``M_F^k`` (bool, the factor's shape) of split factor ``key``."""
@@ -363,7 +285,7 @@ class MosaAdapter(DeltaAdapter):
     # -- module choice -----------------------------------------------------------------
     def _enter(self) -> int:
         """The module of a training layer call (drawn; recomputation in backward reuses the latest)."""
-        if _in_backward() and self.last_module is not None:
+        if in_backward() and self.last_module is not None:
             return self.last_module
         self.last_module = self._sampler.draw(self._index)
         return self.last_module
@@ -400,8 +322,8 @@ class MosaAdapter(DeltaAdapter):
 
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
-        concrete = _concrete(config)
-        concrete.plain_class.check_layer(spec, config, module_name)
+        super().check_layer(spec, config, module_name)
+        concrete = cls.variants[config.factorization]
         shapes = concrete.factor_shapes(spec, config.rank_for(module_name))
         for key in _split_keys(concrete, config.split, shapes):
             numel = math.prod(shapes[key])
@@ -420,9 +342,6 @@ class MosaAdapter(DeltaAdapter):
 class MosaLoraAdapter(MosaAdapter, LoraAdapter):
     """MoSA on LoRA factors ``lora_B (O, r)`` (up), ``lora_A (r, I·ΠK)`` (down); convs flattened."""
 
-    plain_method, plain_class = "lora", LoraAdapter
-    _UP, _DOWN = "lora_B", "lora_A"
-
     @staticmethod
     def factor_shapes(spec: LayerSpec, r: int) -> dict[str, tuple[int, ...]]:
         return {"lora_B": (spec.out_dim, r), "lora_A": (r, spec.in_dim * math.prod(spec.kernel_size))}
@@ -430,9 +349,6 @@ class MosaLoraAdapter(MosaAdapter, LoraAdapter):
 
 class MosaLavaAdapter(MosaAdapter, LavaAdapter):
     """MoSA on LAVA factors ``lava_U (O, r)``, ``lava_V (r, I)``, ``lava_P[m] (r, K_m)`` (CP on convs)."""
-
-    plain_method, plain_class = "lava", LavaAdapter
-    _UP, _DOWN = "lava_U", "lava_V"
 
     @staticmethod
     def factor_shapes(spec: LayerSpec, r: int) -> dict[str, tuple[int, ...]]:
@@ -445,10 +361,6 @@ class MosaLavaAdapter(MosaAdapter, LavaAdapter):
         x_in = self.dropout(x) if self._dropout_active() else x
         return cp_conv_separable(x_in, up, modes[0], modes[1:], self.train_scale, layer.base_layer,
                                  base_out.dtype, base_out)
-
-
-def _concrete(config: MosaConfig) -> type[MosaAdapter]:
-    return MosaLavaAdapter if config.factorization == "lava" else MosaLoraAdapter
 
 
 def _split_keys(cls: type[MosaAdapter], split: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
@@ -464,7 +376,7 @@ def _check_module(k, n_modules: int, what: str) -> None:
         raise LavaConfigError(f"{what}: module {k!r} does not exist; use an integer in [0, {n_modules - 1}]")
 
 
-register_method("mosa", MosaConfig, MosaAdapter)
+register_factorized("mosa", MosaConfig, MosaAdapter, lora=MosaLoraAdapter, lava=MosaLavaAdapter)
 
 
 # =============================================================================== model-level API
@@ -476,18 +388,7 @@ def _unwrap(model):
 
 def _mosa(model, adapter_name: str | None):
     """``(name, config, [(path, adapter)])`` of a MoSA adapter of ``model``."""
-    model = _unwrap(model)
-    name = adapter_name or model.active_adapter
-    if name is None:
-        raise AdapterNameError("the model has no active adapter; pass adapter_name=<a mosa adapter>")
-    model._check_known(name)
-    config = model.peft_config[name]
-    if not isinstance(config, MosaConfig):
-        raise LavaConfigError(
-            f"adapter {name!r} is a {config.method!r} adapter; this needs a 'mosa' adapter "
-            f"(this model's adapters: {sorted(model.peft_config)})"
-        )
-    return name, config, model.adapter_layers(name)
+    return adapter_of_method(_unwrap(model), adapter_name, MosaConfig, "this")
 
 
 def module_sampler(model, adapter_name: str | None = None) -> ModuleSampler:
