@@ -12,8 +12,14 @@ regularizer used in the training step:
   view of the 3-D output (tried and *rejected*: autograd's CopySlices then clones the
   output gradient in the backward);
 * ``lava[+contig-up]`` — out-of-place ``addmm`` with ``(s·U)ᵀ`` as a contiguous ``(r, O)``
-  operand (= the library's linear path for N-d activations), per-layer orth loop;
-* ``lava`` (the normal row) — plus the orth term batched over layers of equal shape.
+  operand (= the library's composed linear path for N-d activations), per-layer orth loop;
+* ``lava[composed]`` — the library's composed path (``lowrank_forward``: base op, then the
+  adapter's autograd ops) with the batched orth term, i.e. everything but the fused node;
+* ``lava`` (the normal row) — frozen Linear + adapter as one autograd node
+  (``fused_linear.py``), orth term batched over layers of equal shape.
+
+Every stage switches the fused node off for the patched adapters (``linear_factors`` →
+``None``), so the layer calls their ``forward``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-STAGES = ("reference", "+fold+addmm", "+inplace-view", "+contig-up")
+STAGES = ("reference", "+fold+addmm", "+inplace-view", "+contig-up", "composed")
 
 
 def _forward_for(stage: str):
@@ -48,12 +54,18 @@ def _forward_for(stage: str):
 
 
 def apply_stage(model, stage: str) -> None:
-    """Patch every LAVA adapter of ``model`` (an AdaptedModel) to ``stage``'s linear forward."""
+    """Patch every LAVA adapter of ``model`` (an AdaptedModel) to ``stage``'s linear forward (no fused node)."""
     if stage not in STAGES:
         raise ValueError(f"unknown ablation stage {stage!r}; one of {STAGES}")
-    fwd = _forward_for(stage)
     for _, adapter in model.adapter_layers():
-        adapter.forward = types.MethodType(fwd, adapter)
+        adapter.linear_factors = lambda: None  # the layer then runs base op + adapter.forward
+        if stage != "composed":
+            adapter.forward = types.MethodType(_forward_for(stage), adapter)
+
+
+def uses_per_layer_orth(stage: str) -> bool:
+    """The stages before the batched orth term loop over layers."""
+    return stage != "composed"
 
 
 def per_layer_regularization(model) -> torch.Tensor:

@@ -130,14 +130,18 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
 
                     stage = kind[5:-1]
                     apply_stage(model, stage)
-                    role, notes = "other", f"ablation: library LAVA with the linear path at stage {stage!r}, per-layer orth loop"
+                    role, notes = "other", f"ablation: library LAVA with the linear path at stage {stage!r}"
             model.train()
             if mode == "compiled" and layers_of is not None:
                 _compile_layers(model, layers_of(model))
             elif mode == "compiled":
                 model = torch.compile(model)
 
-            per_layer_reg = kind.startswith("lava[")
+            per_layer_reg = False
+            if kind.startswith("lava["):
+                from .ablation import uses_per_layer_orth
+
+                per_layer_reg = uses_per_layer_orth(kind[5:-1])
 
             def step(batch, model=model, reg_model=reg_model, per_layer_reg=per_layer_reg):
                 loss = loss_of(model(**batch))

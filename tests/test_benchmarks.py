@@ -83,3 +83,24 @@ def test_markdown_marks_failed_rows():
 def test_unknown_scenario_is_rejected():
     with pytest.raises(SystemExit):
         main(["nope", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("stage", ["reference", "composed"])
+def test_ablation_stages_leave_the_fused_node_and_keep_the_function(stage):
+    import torch
+    from torch import nn
+
+    import lava_peft as lp
+    from benchmarks.ablation import apply_stage
+
+    torch.manual_seed(0)
+    model = lp.adapt(nn.Sequential(nn.Linear(8, 6)), lp.LavaConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        model.model[0].adapters["default"].lava_V.normal_()
+    x = torch.randn(3, 8)
+    fused = model(x)
+    assert type(fused.grad_fn).__name__ == "_LowRankLinearBackward"
+    apply_stage(model, stage)
+    out = model(x)
+    assert type(out.grad_fn).__name__ != "_LowRankLinearBackward"
+    torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-6)
