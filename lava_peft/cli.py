@@ -52,9 +52,20 @@ def register_command(name: str, help: str, add_arguments, run, description: str 
 TRAIN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "model": ("minilm", str, "model name (minilm, mobilenet_v2, craft_vgg16_bn, small_cnn) or a Hugging Face model directory"),
     "data": ("rotten_tomatoes", str, "data set: rotten_tomatoes (text), fashion_mnist or digits (images)"),
-    "method": ("lava", str, "lava | lora (adapters) | head (train only the new head) | full (fine-tune everything)"),
-    "rank": (8, int, "adapter rank r (number of rank-1 components)"),
-    "alpha": (16.0, float, "adapter scale numerator: the increment is multiplied by alpha/rank"),
+    "method": ("lava", str, "lava | lora | shira | sft | dylora | lowbit | mosa (adapters), head (train only "
+                            "the new head) | full (fine-tune everything)"),
+    "rank": (8, int, "adapter rank r (number of rank-1 components; shira/sft: a budget of r·(O+I) entries "
+                     "per layer unless --density is given; dylora: the largest rank)"),
+    "alpha": (16.0, float, "adapter scale numerator: the increment is multiplied by alpha/rank "
+                           "(shira/sft: alpha/16 is used as the plain scale of the sparse values)"),
+    "density": (None, float, "shira/sft: fraction of each targeted weight that is trained (default: "
+                             "shira r·(O+I) entries, sft 0.01)"),
+    "mask": (None, str, "shira: mask type random | struct | weight_magnitude | grad | snip (default random)"),
+    "bits": (1, int, "lowbit: bits per adapter weight (1..8)"),
+    "r_min": (1, int, "dylora: the smallest rank trained"),
+    "n_modules": (4, int, "mosa: number of sparse modules the adapter is split into"),
+    "sft_phase1_epochs": (1.0, float, "sft: epochs of dense phase-1 training that pick the lottery-ticket mask"),
+    "l1_lambda": (0.0, float, "sft: weight of the L1 pull of the sparse difference toward the pretrained weights"),
     "targets": (None, str, "modules to adapt: comma-separated names/suffixes (query,value), a regex, "
                            "'all-linear' or 'all-conv' (default: query,value for text, all-conv for images)"),
     "orth_lambda": (0.1, float, "LAVA orthogonality regularizer weight (0 disables it)"),
@@ -83,7 +94,8 @@ FLAG_OPTIONS = {
     "resume": "continue the run in --out from its latest checkpoint",
     "no_progress": "no progress bars",
 }
-METHODS = ("lava", "lora", "head", "full")
+ADAPTER_METHODS = ("lava", "lora", "shira", "sft", "dylora", "lowbit", "mosa")
+METHODS = (*ADAPTER_METHODS, "head", "full")
 
 
 def _flag(name: str) -> str:
@@ -199,12 +211,57 @@ def build_model_for(opts: dict, task):
                     p.requires_grad_(True)
         return model
     targets = _parse_targets(opts["targets"], task.default_targets)
+    return lp.adapt(model, adapter_config_for(opts, targets, task))
+
+
+def _calibration_batches(data: dict, batch_size: int, n_batches: int = 4) -> list[dict]:
+    """The first ``n_batches`` training batches (for gradient-based masks)."""
+    n = len(data["labels"])
+    return [{k: v[i:i + batch_size] for k, v in data.items()} for i in range(0, min(n, n_batches * batch_size), batch_size)]
+
+
+def _calibration_loss(model, batch):
+    from .train.trainer import classification_loss, default_forward
+
+    return classification_loss(default_forward(model, batch), batch["labels"])
+
+
+def adapter_config_for(opts: dict, targets, task):
+    """The adapter config that ``--method`` and its options describe (sft: runs phase 1 to pick the mask)."""
+    import lava_peft as lp
+
+    method = opts["method"]
     common = dict(r=opts["rank"], alpha=opts["alpha"], target_modules=targets, modules_to_save=task.heads)
-    if opts["method"] == "lava":
-        config = lp.LavaConfig(orth_lambda=opts["orth_lambda"], **common)
-    else:
-        config = lp.LoraConfig(**common)
-    return lp.adapt(model, config)
+    if method == "lava":
+        return lp.LavaConfig(orth_lambda=opts["orth_lambda"], **common)
+    if method == "lora":
+        return lp.LoraConfig(**common)
+    if method == "dylora":
+        return lp.DyLoraConfig(r_min=opts["r_min"], factorization="lava", orth_lambda=opts["orth_lambda"], **common)
+    if method == "lowbit":
+        return lp.LowBitConfig(bits=opts["bits"], **common)
+    if method == "mosa":
+        return lp.MosaConfig(n_modules=opts["n_modules"], **common)
+    sparse = dict(common, alpha=opts["alpha"] / 16.0)
+    if method == "shira":
+        config = lp.ShiraConfig(density=opts["density"], mask_type=opts["mask"] or "random", **sparse)
+        if config.mask_type in ("random", "struct"):
+            return config
+        from .methods.shira import with_masks  # |W|, grad, snip: read the model (and calibration batches)
+
+        return with_masks(task.model, config, _calibration_batches(task.train, opts["batch_size"]), _calibration_loss)
+    # sft: phase 1 trains the targeted weights densely, the mask keeps the largest changes
+    from .methods.sft import lottery_ticket_masks, trainer_phase
+    from .train import TrainingArguments
+
+    config = lp.SftConfig(density=opts["density"] or 0.01, l1_lambda=opts["l1_lambda"], **sparse)
+    phase1 = TrainingArguments(output_dir=str(Path(opts["out"]) / "sft-phase1"), epochs=opts["sft_phase1_epochs"],
+                               batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"], overwrite=True,
+                               progress=not opts["no_progress"], summary=False, save_final=False, save_best=False,
+                               save_every=0)
+    print(f"lava train: LT-SFT phase 1 ({opts['sft_phase1_epochs']} epoch(s) of dense training) ...", flush=True)
+    masks = lottery_ticket_masks(task.model, config, trainer_phase(task.train, phase1))
+    return config.replace(masks=masks)
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -243,7 +300,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print(f"plot:      {png}")
     print(f"evaluate:  lava eval {opts['out']}")
     print(f"inspect:   lava inspect {adapter}")
-    if opts["method"] in ("lava", "lora"):
+    if opts["method"] in ADAPTER_METHODS:
         print("reload in Python:\n"
               f"    base = <the same base model, e.g. lava_peft.train.tasks.load_base_model({opts['model']!r}, {opts['data']!r})[0]>\n"
               f"    model = lava_peft.AdaptedModel.from_pretrained(base, {str(adapter)!r})")
@@ -564,6 +621,7 @@ register_command(
         "examples:\n"
         "  lava train --model minilm --data rotten_tomatoes --method lava --rank 8 --epochs 2 --out runs/rt\n"
         "  lava train --model mobilenet_v2 --data fashion_mnist --method lora --targets all-conv --out runs/fm\n"
+        "  lava train --model minilm --data rotten_tomatoes --method shira --mask snip --density 0.01 --out runs/sh\n"
         "  lava train --config run.yaml        # keys are the option names below, e.g.  lr: 0.002"
     ),
 )
