@@ -29,8 +29,9 @@ run() {
     echo "!!! scenario $name failed" >&2; fail=$((fail + 1))
   fi
 }
-# TinyLlama-shaped 1.1B, bf16, 8x1024, all 7 linears, r=16: eager and torch.compile (per decoder layer)
-run llm llm --compile
+# TinyLlama-shaped 1.1B, bf16, 8x1024, all 7 linears, r=16: eager and torch.compile (per decoder layer),
+# plus SHiRA rows (ours vs HF PEFT's SHiRA, the same r·(O+I) entries per layer)
+run llm llm --compile --shira
 # CNN: ResNet-50, batch 64, 224 px, channels_last, bf16 autocast, every conv, r=8
 run cnn cnn
 # Quantized base: bitsandbytes NF4 if it imports, else torchao int8 weight-only
