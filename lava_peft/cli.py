@@ -237,12 +237,13 @@ def adapter_config_for(opts: dict, targets, task):
     if method == "lora":
         return lp.LoraConfig(**common)
     if method == "dylora":
-        return lp.DyLoraConfig(r_min=opts["r_min"], factorization="lava", orth_lambda=opts["orth_lambda"], **common)
+        return lp.DyLoraConfig(r_min=opts["r_min"], factorization="lava", orth_lambda=opts["orth_lambda"],
+                               seed=opts["seed"], **common)
     if method == "lowbit":
         return lp.LowBitConfig(bits=opts["bits"], **common)
     if method == "mosa":
-        return lp.MosaConfig(n_modules=opts["n_modules"], **common)
-    sparse = dict(common, alpha=opts["alpha"] / 16.0)
+        return lp.MosaConfig(n_modules=opts["n_modules"], seed=opts["seed"], **common)
+    sparse = dict(common, alpha=opts["alpha"] / 16.0, seed=opts["seed"])
     if method == "shira":
         config = lp.ShiraConfig(density=opts["density"], mask_type=opts["mask"] or "random", **sparse)
         if config.mask_type in ("random", "struct"):
