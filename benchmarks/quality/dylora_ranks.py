@@ -21,66 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import lava_peft as lp
 from lava_peft.methods.dylora import DyLoraConfig, eval_across_ranks
 from lava_peft.train import set_seed
 from lava_peft.train.tasks import load_text_data, load_text_model
 
+from .common import accuracy, run_meta, train
+
 RANKS = (1, 2, 4, 8)
-
-
-def _batches(data: dict, batch_size: int, generator: torch.Generator | None):
-    n = len(data["labels"])
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
-        yield {k: v[idx] for k, v in data.items()}
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train(model, data: dict, args) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    total = math.ceil(len(data["labels"]) / args.batch_size) * args.epochs
-    warmup = max(1, int(0.06 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    start = time.perf_counter()
-    for _ in range(args.epochs):
-        for batch in _batches(data, args.batch_size, gen):
-            labels = batch.pop("labels")
-            loss = F.cross_entropy(model(**batch).logits, labels) + model.regularization_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def accuracy(model, data: dict, batch_size: int = 64) -> float:
-    model.eval()
-    correct = 0
-    for batch in _batches(data, batch_size, None):
-        labels = batch.pop("labels")
-        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-    return 100.0 * correct / len(data["labels"])
 
 
 def _lora_truncated(model, b: int, keep_scale: bool):
@@ -98,14 +52,6 @@ def _lora_truncated(model, b: int, keep_scale: bool):
             a.lora_A.data, a.lora_B.data, a.r, a.scale = A, B, r, s
 
     return restore
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
@@ -135,7 +81,8 @@ def main(argv=None) -> None:
         else:
             cfg = lp.LoraConfig(**common)
         model = lp.adapt(net, cfg)
-        seconds = train(model, train_data, args)
+        seconds = train(model, train_data, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                        seed=args.seed)
         start = time.perf_counter()
         if method == "dylora":
             acc = {"alpha/b": eval_across_ranks(model, RANKS, lambda m: accuracy(m, eval_data))}
@@ -150,15 +97,8 @@ def main(argv=None) -> None:
                            "trainable": model.get_nb_trainable_parameters()[0], "accuracy": acc}
         print(method, json.dumps(results[method]), flush=True)
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    meta = {
-        "command": "python -m benchmarks.quality.dylora_ranks " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} CPU cores visible, "
-                   f"torch {args.threads} thread(s), load average at the end {tuple(round(x, 1) for x in load) if load else 'n/a'}",
-        "versions": f"lava-peft {lp.__version__}, torch {torch.__version__}, Python {platform.python_version()}",
-        "settings": vars(args),
-        "wall_s": round(time.perf_counter() - wall, 1),
-    }
+    meta = run_meta("benchmarks.quality.dylora_ranks", argv if argv is not None else sys.argv[1:], args.threads,
+                    vars(args), wall)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dylora_ranks.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
