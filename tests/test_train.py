@@ -227,3 +227,36 @@ def test_bad_arguments_are_clear():
         for p in net.parameters():
             p.requires_grad_(False)
         Trainer(net, output_dir="unused", train_data={"x": torch.zeros(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("config", [
+    lambda: lp.DyLoraConfig(r=4, target_modules=["0", "2"], modules_to_save=["6"], factorization="lava"),
+    lambda: lp.MosaConfig(r=4, n_modules=2, target_modules=["0", "2"], modules_to_save=["6"], factorization="lava"),
+], ids=["dylora", "mosa"])
+def test_resume_continues_the_rank_and_module_draws(tmp_path, digits, config):
+    """DyLoRA/MoSA draw a rank/module per training forward: the checkpoint keeps the samplers' clock."""
+    train, test = digits
+    args = dict(max_steps=8, batch_size=16, lr=5e-3, save_every=4, eval_every=4, warmup_steps=2, **quiet())
+
+    def model():
+        net = conv_net()
+        torch.manual_seed(1)
+        return lp.adapt(net, config())
+
+    full = Trainer(model(), TrainingArguments(output_dir=str(tmp_path / "a"), **args), train, test)
+    full.train()
+
+    def crash_after_5(trainer, event):
+        if event == "step_end" and trainer.step == 5:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        Trainer(model(), TrainingArguments(output_dir=str(tmp_path / "b"), **args), train, test,
+                callbacks=[crash_after_5]).train()
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["sampler_clocks"] == {"default": 4}  # 4 training forwards drawn before the checkpoint
+    resumed = Trainer(model(), TrainingArguments(output_dir=str(tmp_path / "b"), resume_from="auto", **args), train, test)
+    resumed.train()
+    a, b = _final_state(full), _final_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -36,8 +36,8 @@ layers different ranks).  ``step`` counts forward passes and advances by itself
 (:class:`~.factorized.StepCounter`: a new step begins when a layer that already drew in
 the current step draws again), so the draws are reproducible from ``seed`` alone.
 Re-computation under activation checkpointing (inside the backward pass) reuses the rank
-of the forward instead of drawing.  ``sampler.step`` is not saved; to resume sampling
-exactly, set it on :func:`rank_sampler` after loading.
+of the forward instead of drawing.  ``sampler.step`` is not in the adapter file; the Trainer's
+checkpoints keep it (``sampler_clocks``), elsewhere set it on :func:`rank_sampler` after loading.
 
 Within one layer call the rank is drawn once, at the layer's first question to the
 adapter (``uses_weight_path_for``, or ``forward``/``linear_factors`` for a mixed batch),

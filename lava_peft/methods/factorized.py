@@ -201,6 +201,29 @@ def shared_per_config(config: AdapterConfig, cls: type[T], *args: Any) -> T:
     return held[1]
 
 
+def sampler_clocks(model: nn.Module) -> dict[str, int]:
+    """``{adapter name: the step its next training forward draws at}`` for adapters with a shared
+    sampler (DyLoRA, MoSA) — what a training checkpoint must keep so that a resumed run draws
+    exactly the ranks/modules the uninterrupted run would."""
+    clocks = {}
+    for name, config in getattr(model, "peft_config", {}).items():
+        held = config.__dict__.get("_shared_runtime")
+        if held is not None and isinstance(held[1], StepCounter):
+            counter = held[1]
+            clocks[name] = counter.step + (1 if counter._drawn else 0)
+    return clocks
+
+
+def set_sampler_clocks(model: nn.Module, clocks: dict[str, int]) -> None:
+    """Restore :func:`sampler_clocks` (adapters not in ``clocks`` are left alone)."""
+    configs = getattr(model, "peft_config", {})
+    for name, step in clocks.items():
+        held = configs[name].__dict__.get("_shared_runtime") if name in configs else None
+        if held is not None and isinstance(held[1], StepCounter):
+            held[1].step = int(step)
+            held[1]._drawn.clear()
+
+
 def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
     task = getattr(torch._C, "_current_graph_task_id", None)

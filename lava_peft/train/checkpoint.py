@@ -4,7 +4,8 @@ A checkpoint directory ``<run>/checkpoints/step-000120/`` holds
 
 * ``adapter/`` — the adapter as ``save_pretrained`` writes it (safetensors + JSON), or,
   for a plain model, ``model.safetensors`` with its trainable tensors;
-* ``trainer_state.json`` — step, epoch, best metric, scheduler state, Python/NumPy RNG;
+* ``trainer_state.json`` — step, epoch, best metric, scheduler state, Python/NumPy RNG, the
+  step clocks of DyLoRA/MoSA samplers;
 * ``rng_state_rank{r}.safetensors`` — torch (and CUDA) RNG of each rank;
 * ``optimizer.pt`` — the AdamW state (``torch.save``; loaded with ``weights_only=True``).
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LavaError
+from ..methods.factorized import sampler_clocks, set_sampler_clocks
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from ..model import AdaptedModel
 
@@ -169,7 +171,8 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, r
     if is_main:
         save_trainable(model, tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        payload = dict(state, scheduler=scheduler.state_dict(), rng=py_rng, world_size=world)
+        payload = dict(state, scheduler=scheduler.state_dict(), rng=py_rng, world_size=world,
+                       sampler_clocks=sampler_clocks(unwrap(model)))
         atomic_write_json(tmp / "trainer_state.json", _jsonable(payload))
     dist.barrier()
     if is_main:
@@ -188,6 +191,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int) -> 
     if not rng_file.is_file():
         rng_file = directory / "rng_state_rank0.safetensors"
     set_rng_state(state["rng"], load_file(str(rng_file)))
+    set_sampler_clocks(unwrap(model), state.get("sampler_clocks", {}))  # DyLoRA / MoSA draw sequences
     return state
 
 
