@@ -249,3 +249,53 @@ def test_fsdp2_fully_shard_two_processes_match_single_process(tmp_path):
     assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-2
     reloaded = lp.AdaptedModel.from_pretrained(namespace["build"]()[0].unload(), str(out))
     torch.testing.assert_close(reloaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+MOSA_WORKER = textwrap.dedent(
+    '''
+    import os, sys
+    import torch
+    import lava_peft as lp
+    from lava_peft.methods.mosa import mosa_loss_fn
+    from lava_peft.train import Trainer, TrainingArguments
+
+
+    def train(out, batch_size):
+        """MoSA: two forwards (different modules) per step for the consistency loss, then one backward."""
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        model = lp.adapt(net, lp.MosaConfig(r=2, n_modules=2, target_modules=["0", "2"], factorization="lava"))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 10, generator=g)
+        data = {"x": x, "labels": (x[:, :3].sum(1) > 0).long()}
+        args = TrainingArguments(output_dir=out, max_steps=4, batch_size=batch_size, lr=0.05, progress=False,
+                                 summary=False, save_every=0)
+        trainer = Trainer(model, args, data, loss_fn=mosa_loss_fn(1.0))
+        trainer.train()
+        return trainer
+
+
+    if __name__ == "__main__":
+        trainer = train(sys.argv[1], batch_size=4)
+        from safetensors.torch import save_file
+        state = {k: v.contiguous() for k, v in trainer.unwrapped.adapter_state_dict().items()}
+        save_file(state, os.path.join(sys.argv[1], f"mosa_rank{trainer.rank}.safetensors"))
+    '''
+)
+
+
+def test_mosa_consistency_loss_under_ddp_matches_single_process(tmp_path):
+    """Two forwards before one backward under DDP: gradients of both are reduced, replicas stay equal."""
+    script = tmp_path / "mosa_worker.py"
+    script.write_text(MOSA_WORKER)
+    out = tmp_path / "ddp"
+    proc = _launch("torchrun", script, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = load_file(str(out / "mosa_rank0.safetensors")), load_file(str(out / "mosa_rank1.safetensors"))
+    namespace: dict = {"__name__": "mosa_worker"}
+    exec(compile(MOSA_WORKER, "mosa_worker", "exec"), namespace)
+    ref = namespace["train"](str(tmp_path / "single"), batch_size=8).unwrapped.adapter_state_dict()
+    assert set(r0) == set(ref) and len(ref) == 4
+    for k in ref:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
