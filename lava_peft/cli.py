@@ -72,7 +72,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "out": (None, str, "run directory for metrics, checkpoints and the adapter (required)"),
     "epochs": (3.0, float, "passes over the training data"),
     "max_steps": (None, int, "stop after this many optimizer steps (overrides --epochs)"),
-    "lr": (1e-3, float, "learning rate of the adapter"),
+    "lr": (None, float, "learning rate of the adapter (default 1e-3; 2e-2 for shira and sft, which update "
+                        "weight entries directly: chosen on a validation split, benchmarks/results/methods.md)"),
     "head_lr": (None, float, "learning rate of the new head (default: --lr)"),
     "weight_decay": (0.0, float, "AdamW weight decay of the adapter"),
     "batch_size": (32, int, "samples per optimizer step and process (before --grad-accum)"),
@@ -96,6 +97,7 @@ FLAG_OPTIONS = {
 }
 ADAPTER_METHODS = ("lava", "lora", "shira", "sft", "dylora", "lowbit", "mosa")
 METHODS = (*ADAPTER_METHODS, "head", "full")
+DEFAULT_LR, SPARSE_DEFAULT_LR = 1e-3, 2e-2
 
 
 def _flag(name: str) -> str:
@@ -169,6 +171,8 @@ def resolve_train_options(ns: argparse.Namespace) -> dict:
         raise LavaConfigError("no output directory: pass --out DIR (or 'out:' in the config file)")
     if opts["method"] not in METHODS:
         raise LavaConfigError(f"--method must be one of {METHODS}; got {opts['method']!r}")
+    if opts["lr"] is None:
+        opts["lr"] = SPARSE_DEFAULT_LR if opts["method"] in ("shira", "sft") else DEFAULT_LR
     return opts
 
 

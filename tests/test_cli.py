@@ -303,3 +303,12 @@ def test_train_shira_with_a_gradient_mask(tmp_path, one_thread):
             "--threads", "1", "--no-progress", "--out", str(out)]
     assert cli.main(args) == 0
     assert cli.inspect_adapter(str(out / "adapter"))["config"]["mask_type"] == "snip"
+
+
+def test_default_learning_rate_depends_on_the_method(tmp_path):
+    ns = cli.build_parser().parse_args(["train", "--method", "shira", "--out", str(tmp_path)])
+    assert cli.resolve_train_options(ns)["lr"] == 2e-2  # direct weight updates: see benchmarks/results/methods.md
+    ns = cli.build_parser().parse_args(["train", "--method", "lava", "--out", str(tmp_path)])
+    assert cli.resolve_train_options(ns)["lr"] == 1e-3
+    ns = cli.build_parser().parse_args(["train", "--method", "sft", "--lr", "0.005", "--out", str(tmp_path)])
+    assert cli.resolve_train_options(ns)["lr"] == 0.005  # an explicit --lr wins
