@@ -219,7 +219,8 @@ def _peft_pattern_value(pattern: dict, path: str, default):
 
 
 def import_peft(model, model_id: str, adapter_name: str = "default", is_trainable: bool = False):
-    """Load a HF PEFT LoRA directory into an :class:`~lava_peft.AdaptedModel` as a LoRA adapter.
+    """Load a HF PEFT LoRA directory into an :class:`~lava_peft.AdaptedModel` as a LoRA adapter
+    (a PEFT SHiRA directory as a SHiRA adapter: ``methods.shira.import_peft_shira``).
 
     ``model`` is the base model (or an existing AdaptedModel to add to).  The adapter is
     activated; its outputs equal ``peft.PeftModel.from_pretrained(base, model_id)``'s.
@@ -234,8 +235,16 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     if not directory.is_dir():
         raise AdapterFileError(f"PEFT adapter directory {directory} does not exist")
     cfg = read_json(directory / CONFIG_NAME)
+    if cfg.get("peft_type") == "SHIRA":
+        from .methods.shira import import_peft_shira
+
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME} (lava-peft never loads pickle weights)")
+        return import_peft_shira(model, directory, cfg, read_safetensors(directory / WEIGHTS_NAME), adapter_name,
+                                 is_trainable)
     if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{directory} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA can be imported")
+        raise AdapterFileError(f"{directory} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA and SHIRA can "
+                               "be imported")
     bad = [f for f in _UNSUPPORTED_FLAGS if cfg.get(f)]
     if cfg.get("bias", "none") != "none":
         bad.append(f"bias={cfg['bias']!r}")

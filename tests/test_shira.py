@@ -550,3 +550,43 @@ def test_minilm_shira_snip_on_query_value_trains_and_changes_only_the_budget():
         changed = torch.nonzero((weight != pristine[f"{path}.weight"]).reshape(-1)).flatten()
         assert set(changed.tolist()) <= set(adapter.sparse_indices.tolist())
         assert 0.95 * budget <= changed.numel() <= budget
+
+
+def test_import_of_a_peft_trained_shira_adapter_gives_the_same_outputs(tmp_path):
+    """An adapter written by the real HF PEFT (random mask, trained values) loads as our SHiRA adapter."""
+    from peft import PeftModel, get_peft_model
+    from peft import ShiraConfig as PeftShiraConfig
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+
+    peft_model = get_peft_model(net(), PeftShiraConfig(r=1, target_modules=["0", "2"], random_seed=3))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "shira_weight" in name:
+                p.copy_(torch.randn(p.shape) * 0.5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    peft_model = PeftModel.from_pretrained(net(), str(tmp_path / "peft")).eval()
+    ours = lp.import_peft(net(), str(tmp_path / "peft"))
+    assert ours.peft_config["default"].method == "shira"
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-6, atol=1e-6)
+    # our export of the imported adapter gives PEFT the same adapter back
+    lp.export_peft(ours, str(tmp_path / "again"))
+    again = PeftModel.from_pretrained(net(), str(tmp_path / "again")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), peft_model(x), rtol=1e-6, atol=1e-6)
+    # a repeated (row, column) pair is refused and the model is left as it was
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("shira_indices"))
+    tensors[key][:, 1] = tensors[key][:, 0]
+    save_file(tensors, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    fresh = net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(lp.AdapterFileError, match="repeated"):
+        lp.import_peft(fresh, str(tmp_path / "peft"))
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

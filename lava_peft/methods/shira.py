@@ -529,6 +529,83 @@ def export_peft_shira(model, save_directory: str, adapter_name: str | None = Non
     atomic_write_json(out / CONFIG_NAME, peft_config)
 
 
+def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[str, torch.Tensor],
+                      adapter_name: str = "default", is_trainable: bool = False):
+    """Load a HF PEFT SHiRA directory (``peft_type: "SHIRA"``) as a SHiRA adapter; the inverse of
+    :func:`export_peft_shira`.  Called by :func:`lava_peft.interop.import_peft`.
+
+    Per module, PEFT's ``shira_indices`` ``(2, nnz)`` (row, column) pairs become our sorted flat
+    indices ``row·I + col`` and ``shira_weight`` the values, permuted the same way (scale 1).
+    Everything is checked — keys, shapes, index range and uniqueness, that every module is an
+    ``nn.Linear`` of the base model — before the model changes.
+    """
+    from ..model import AdaptedModel
+
+    wrapped = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    base = wrapped.model
+    weights_path = Path(directory) / "adapter_model.safetensors"
+    if peft_config.get("modules_to_save"):
+        raise AdapterFileError(f"{directory}: PEFT SHiRA modules_to_save {peft_config['modules_to_save']} are not "
+                               "supported by import_peft")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(shira_weight|shira_indices)", key)
+        if m is None:
+            raise AdapterFileError(f"{weights_path}: key {key!r} is not a PEFT SHiRA tensor")
+        parts.setdefault(m.group(1), {})[m.group(2)] = value
+    if not parts:
+        raise AdapterFileError(f"{weights_path} contains no SHiRA tensors")
+    masks, values, problems = {}, {}, []
+    for path, pair in parts.items():
+        if set(pair) != {"shira_weight", "shira_indices"}:
+            raise AdapterFileError(f"{weights_path}: {path} has {sorted(pair)}, expected shira_weight and shira_indices")
+        try:
+            found = base.get_submodule(path)
+        except AttributeError:
+            problems.append(f"{path}: no such module")
+            continue
+        layer = getattr(found, "base_layer", found)
+        if type(layer) is not nn.Linear:
+            problems.append(f"{path}: {type(layer).__name__}, PEFT SHiRA adapts nn.Linear only")
+            continue
+        idx, weight = pair["shira_indices"], pair["shira_weight"]
+        out_dim, in_dim = layer.weight.shape
+        if idx.dim() != 2 or idx.shape[0] != 2 or weight.shape != (idx.shape[1],) or idx.is_floating_point():
+            raise AdapterFileError(f"{weights_path}: {path} indices {tuple(idx.shape)} / values {tuple(weight.shape)} "
+                                   "are not (2, nnz) / (nnz,)")
+        rows, cols = idx[0].long(), idx[1].long()
+        if idx.numel() and (rows.min() < 0 or cols.min() < 0 or rows.max() >= out_dim or cols.max() >= in_dim):
+            raise AdapterFileError(f"{weights_path}: {path} indices fall outside the weight {out_dim}x{in_dim}")
+        flat = rows * in_dim + cols
+        order = torch.argsort(flat)
+        flat = flat[order]
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            raise AdapterFileError(f"{weights_path}: {path} has repeated (row, column) pairs")
+        masks[path], values[path] = flat, weight.float()[order]
+    if problems:
+        from ..errors import IncompatibleBaseModelError
+
+        raise IncompatibleBaseModelError(f"the PEFT SHiRA adapter in {directory} does not fit this base model: "
+                                         f"{'; '.join(problems[:5])}")
+    config = ShiraConfig(
+        target_modules="(?:" + "|".join(re.escape(p) for p in masks) + ")",
+        r=int(peft_config.get("r", 32)), alpha=1.0, seed=int(peft_config.get("random_seed") or 0),
+        budget_pattern={f"^{re.escape(p)}$": int(m.numel()) for p, m in masks.items()},
+        masks=masks,
+    )
+    plan = wrapped._plan(adapter_name, config, target_names=list(masks))
+    with torch.no_grad():
+        for path, _, adapter in plan.layers:
+            adapter.sparse_values.copy_(values[path])
+    if not is_trainable:
+        wrapped._inference_only.add(adapter_name)
+    wrapped._commit(plan)
+    wrapped.set_adapter(adapter_name)
+    if not is_trainable:
+        wrapped.eval()
+    return wrapped
+
+
 def _register() -> None:
     register_method("shira", ShiraConfig, ShiraAdapter)
     from ..combine import register_sparse_codec
