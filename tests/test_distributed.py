@@ -225,6 +225,10 @@ FSDP_WORKER = SMALL_TASK + textwrap.dedent(
         model.save_pretrained(sys.argv[1])  # every rank: gathers the shards; rank 0 writes
         dist.barrier()
         dist.destroy_process_group()
+        # exit without the interpreter's teardown: gloo's threads under FSDP2 sometimes abort
+        # there ("terminate called without an active exception") after all work is done
+        sys.stdout.flush()
+        os._exit(0)
     '''
 )
 
