@@ -218,6 +218,17 @@ def _peft_pattern_value(pattern: dict, path: str, default):
     return default
 
 
+def base_layer_at(base: nn.Module, path: str, problems: list[str]) -> nn.Module | None:
+    """The layer at ``path`` of ``base`` (the base layer of an :class:`AdaptedLayer`), or ``None``
+    with a note appended to ``problems`` when there is no such module (PEFT imports)."""
+    try:
+        found = base.get_submodule(path)
+    except AttributeError:
+        problems.append(f"{path}: no such module")
+        return None
+    return found.base_layer if isinstance(found, AdaptedLayer) else found
+
+
 def import_peft(model, model_id: str, adapter_name: str = "default", is_trainable: bool = False):
     """Load a HF PEFT LoRA directory into an :class:`~lava_peft.AdaptedModel` as a LoRA adapter
     (a PEFT SHiRA directory as a SHiRA adapter: ``methods.shira.import_peft_shira``).
@@ -283,12 +294,9 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     for path, parts in lora.items():
         if set(parts) != {"lora_A", "lora_B"}:
             raise AdapterFileError(f"{weights_path}: {path} has {sorted(parts)}, expected lora_A and lora_B")
-        try:
-            found = base.get_submodule(path)
-        except AttributeError:
-            problems.append(f"{path}: no such module")
+        layer_base = base_layer_at(base, path, problems)
+        if layer_base is None:
             continue
-        layer_base = found.base_layer if isinstance(found, AdaptedLayer) else found
         ops = layer_ops(layer_base)
         if ops is None:
             problems.append(f"{path}: {type(layer_base).__name__} is not an adaptable layer")

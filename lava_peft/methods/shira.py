@@ -539,11 +539,13 @@ def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[s
     Everything is checked — keys, shapes, index range and uniqueness, that every module is an
     ``nn.Linear`` of the base model — before the model changes.
     """
+    from ..interop import base_layer_at
+    from ..io import WEIGHTS_NAME
     from ..model import AdaptedModel
 
     wrapped = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     base = wrapped.model
-    weights_path = Path(directory) / "adapter_model.safetensors"
+    weights_path = Path(directory) / WEIGHTS_NAME
     if peft_config.get("modules_to_save"):
         raise AdapterFileError(f"{directory}: PEFT SHiRA modules_to_save {peft_config['modules_to_save']} are not "
                                "supported by import_peft")
@@ -559,12 +561,9 @@ def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[s
     for path, pair in parts.items():
         if set(pair) != {"shira_weight", "shira_indices"}:
             raise AdapterFileError(f"{weights_path}: {path} has {sorted(pair)}, expected shira_weight and shira_indices")
-        try:
-            found = base.get_submodule(path)
-        except AttributeError:
-            problems.append(f"{path}: no such module")
+        layer = base_layer_at(base, path, problems)
+        if layer is None:
             continue
-        layer = getattr(found, "base_layer", found)
         if type(layer) is not nn.Linear:
             problems.append(f"{path}: {type(layer).__name__}, PEFT SHiRA adapts nn.Linear only")
             continue
