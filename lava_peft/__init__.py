@@ -4,7 +4,7 @@
     model = lp.adapt(model, lp.LavaConfig(r=8, alpha=16, target_modules="all-linear"))
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .config import AdapterConfig, registered_methods
 from .errors import (

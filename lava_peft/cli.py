@@ -252,11 +252,11 @@ def adapter_config_for(opts: dict, targets, task):
         config = lp.ShiraConfig(density=opts["density"], mask_type=opts["mask"] or "random", **sparse)
         if config.mask_type in ("random", "struct"):
             return config
-        from .methods.shira import with_masks  # |W|, grad, snip: read the model (and calibration batches)
+        from .tools.shira import with_masks  # |W|, grad, snip: read the model (and calibration batches)
 
         return with_masks(task.model, config, _calibration_batches(task.train, opts["batch_size"]), _calibration_loss)
     # sft: phase 1 trains the targeted weights densely, the mask keeps the largest changes
-    from .methods.sft import lottery_ticket_masks, trainer_phase
+    from .tools.sft import lottery_ticket_masks, trainer_phase
     from .train import TrainingArguments
 
     config = lp.SftConfig(density=opts["density"] or 0.01, l1_lambda=opts["l1_lambda"], **sparse)
@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"lava-peft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")

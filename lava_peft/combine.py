@@ -73,373 +73,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .config import AdapterConfig, adapter_class, config_class, registered_methods
+from .config import AdapterConfig, config_class, registered_methods
 from .errors import LavaConfigError
+from .combine_math import combine_dense, cp_als, truncated_svd, truncated_svd_of_product
 from .inject import adapted_layers, saved_module_wrappers
-from .layers import LayerSpec
+from .methods.base import LayerSpec
+from .methods.factors import (FactorCodec, Factors, SparseCodec, _CODECS, _SPARSE_CODECS, adapter_factors, factor_codec,
+                              method_of, register_factor_codec, register_sparse_codec, to_native)
 
 COMBINATION_TYPES = ("linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _DENSE_TYPES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-
-
-# =============================================================================== factors
-@dataclass
-class Factors:
-    """``ΔW = Σ_j up[:, j] ⊗ modes[0][j] ⊗ modes[1][j] ⊗ …`` with the scale folded into ``up``.
-
-    One mode: matrix form, ``modes[0]`` is ``(R, I·K1·…·KN)`` (the flattened kernel).
-    ``1 + N`` modes on a conv: CP form, ``modes = [V (R, I), P_1 (R, K1), …]``.
-    """
-
-    up: torch.Tensor
-    modes: list[torch.Tensor]
-
-    @property
-    def rank(self) -> int:
-        return self.up.shape[1]
-
-    @property
-    def is_cp(self) -> bool:
-        return len(self.modes) > 1
-
-    def flattened(self) -> "Factors":
-        """Matrix form: ``down_j = V_j ⊗ P_{1j} ⊗ … ⊗ P_{Nj}`` (row-major, as ``ΔW.reshape(O, -1)``)."""
-        if not self.is_cp:
-            return self
-        down = self.modes[0]
-        for m in self.modes[1:]:
-            down = (down.unsqueeze(-1) * m.unsqueeze(1)).reshape(down.shape[0], -1)
-        return Factors(self.up, [down])
-
-    def dense(self, shape: Sequence[int]) -> torch.Tensor:
-        flat = self.flattened()
-        return (flat.up @ flat.modes[0]).reshape(tuple(shape))
-
-    def scaled(self, c: float) -> "Factors":
-        return Factors(self.up * c, list(self.modes))
-
-    def padded(self, rank: int, fill_modes: bool = False, generator: torch.Generator | None = None) -> "Factors":
-        """Append ``rank - R`` zero components (``up`` columns zero, so ``ΔW`` is unchanged).
-
-        ``fill_modes=True`` gives the new components random unit mode vectors (still
-        ``ΔW``-neutral because ``up`` is zero) so that they can learn if trained further.
-        """
-        extra = rank - self.rank
-        if extra < 0:
-            raise ValueError(f"cannot pad rank {self.rank} down to {rank}")
-        if extra == 0:
-            return self
-        up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], extra)], dim=1)
-        modes = []
-        for m in self.modes:
-            if fill_modes:
-                new = torch.randn(extra, m.shape[1], generator=generator, dtype=m.dtype)
-                new = new / new.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            else:
-                new = m.new_zeros(extra, m.shape[1])
-            modes.append(torch.cat([m, new], dim=0))
-        return Factors(up, modes)
-
-    @staticmethod
-    def cat(parts: Sequence["Factors"]) -> "Factors":
-        if len({len(p.modes) for p in parts}) != 1:
-            parts = [p.flattened() for p in parts]
-        up = torch.cat([p.up for p in parts], dim=1)
-        modes = [torch.cat([p.modes[k] for p in parts], dim=0) for k in range(len(parts[0].modes))]
-        return Factors(up, modes)
-
-
-class FactorCodec:
-    """How a method's adapter exposes its increment as :class:`Factors`.
-
-    Register one per method with :func:`register_factor_codec` to get exact
-    ``"linear"`` combination by concatenation, low-rank ``"svd"`` results, fused
-    in-place merges, rank-padded hot-swap and HF PEFT export.  A method without a
-    codec still gets every combination (as a ``dense_delta`` or LoRA result).
-    """
-
-    #: where the SVD puts the singular values: ``"up"`` (``B = U S``, PEFT's choice)
-    #: or ``"down"`` (``U`` orthonormal).
-    svd_singular_values = "up"
-
-    def read(self, adapter, scaled: bool = True) -> Factors:  # pragma: no cover - abstract
-        """The factors; ``scaled=True`` folds the adapter's scale into ``up``, ``False`` gives the raw tensors."""
-        raise NotImplementedError
-
-    def write(self, adapter, factors: Factors) -> None:  # pragma: no cover - abstract
-        """Copy ``factors`` (native form, rank = adapter's rank) into the adapter in place."""
-        raise NotImplementedError
-
-    def native_cp(self, spec: LayerSpec) -> bool:
-        """Whether the method stores this layer in CP form (else matrix form)."""
-        return False
-
-    def max_rank(self, spec: LayerSpec) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class LoraCodec(FactorCodec):
-    svd_singular_values = "up"
-
-    def read(self, adapter, scaled: bool = True) -> Factors:
-        return Factors(adapter.lora_B * adapter.scale if scaled else adapter.lora_B, [adapter.lora_A])
-
-    def write(self, adapter, factors: Factors) -> None:
-        adapter.lora_B.copy_(factors.up / adapter.scale)
-        adapter.lora_A.copy_(factors.modes[0])
-
-    def max_rank(self, spec: LayerSpec) -> int:
-        return min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
-
-
-class LavaCodec(FactorCodec):
-    svd_singular_values = "down"
-
-    def read(self, adapter, scaled: bool = True) -> Factors:
-        modes = [adapter.lava_V]
-        if adapter.spec.kind == "conv":
-            modes += list(adapter.lava_P)
-        return Factors(adapter.lava_U * adapter.scale if scaled else adapter.lava_U, modes)
-
-    def write(self, adapter, factors: Factors) -> None:
-        adapter.lava_U.copy_(factors.up / adapter.scale)
-        adapter.lava_V.copy_(factors.modes[0])
-        if adapter.spec.kind == "conv":
-            for p, m in zip(adapter.lava_P, factors.modes[1:]):
-                p.copy_(m)
-
-    def native_cp(self, spec: LayerSpec) -> bool:
-        return spec.kind == "conv"
-
-    def max_rank(self, spec: LayerSpec) -> int:
-        from .methods.lava import LavaAdapter
-
-        return LavaAdapter.max_rank_for(spec)
-
-
-_CODECS: dict[str, FactorCodec] = {"lora": LoraCodec(), "lava": LavaCodec()}
-
-
-def register_factor_codec(method: str, codec: FactorCodec) -> None:
-    """Declare how adapters of ``method`` expose factors (see :class:`FactorCodec`)."""
-    _CODECS[method] = codec
-
-
-def factor_codec(method: str) -> FactorCodec | None:
-    return _CODECS.get(method)
-
-
-class SparseCodec:
-    """How a sparse method builds a result adapter on a given support (exact ``"linear"`` combination).
-
-    Its adapters expose ``sparse_delta() -> (idx, values)`` with ``ΔW.reshape(-1)[idx] = values``
-    (canonical layout, scale folded in); see :class:`~lava_peft.methods.shira.SparseDeltaAdapter`.
-    """
-
-    def result_config(self, input_configs: list[AdapterConfig], supports: dict[str, torch.Tensor]) -> AdapterConfig:
-        """A config whose adapter on layer ``path`` has exactly the flat indices ``supports[path]``."""
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def write(self, adapter, values: torch.Tensor) -> None:
-        """Set the adapter (built from :meth:`result_config`) so that ``sparse_delta()[1] == values``."""
-        raise NotImplementedError  # pragma: no cover - abstract
-
-
-_SPARSE_CODECS: dict[str, SparseCodec] = {}
-
-
-def register_sparse_codec(method: str, codec: SparseCodec) -> None:
-    """Declare that ``"linear"`` combinations of ``method`` adapters stay sparse (union of supports)."""
-    _SPARSE_CODECS[method] = codec
-
-
-def method_of(adapter) -> str | None:
-    """The registered method name of an adapter instance.
-
-    The most-derived registered class in the instance's MRO wins: methods such as DyLoRA
-    and low-bit register one class that builds a concrete LoRA- or LAVA-based subclass,
-    which must map to ``"dylora"`` / ``"lowbit"``, not to ``"lora"``.
-    """
-    cls = type(adapter)
-    method = _METHOD_OF_TYPE.get(cls)
-    if method is None:
-        registered = {adapter_class(m): m for m in registered_methods()}
-        method = next((registered[c] for c in cls.__mro__ if c in registered), None)
-        if method is not None:
-            _METHOD_OF_TYPE[cls] = method
-    return method
-
-
-_METHOD_OF_TYPE: dict[type, str] = {}
-
-
-def adapter_factors(adapter) -> Factors | None:
-    """The adapter's factors (scale folded in), or ``None`` if its method has no codec."""
-    method = method_of(adapter)
-    codec = _CODECS.get(method) if method else None
-    return codec.read(adapter) if codec is not None else None
-
-
-def to_native(factors: Factors, codec: FactorCodec, spec: LayerSpec) -> Factors | None:
-    """``factors`` in the codec's native form for this layer, or ``None`` if not exactly representable."""
-    if codec.native_cp(spec) and spec.kernel_size:
-        if factors.is_cp and len(factors.modes) == 1 + len(spec.kernel_size):
-            return factors
-        return None
-    return factors.flattened()
-
-
-# =============================================================================== SVD / CP-ALS
-def truncated_svd_of_product(up: torch.Tensor, down: torch.Tensor, rank: int):
-    """``U_R, S_R, V_Rᵀ`` of ``up @ down`` from thin QRs of the factors (never forms the product).
-
-    ``up = Q1 R1``, ``downᵀ = Q2 R2`` ⇒ ``up @ down = Q1 (R1 R2ᵀ) Q2ᵀ``; the SVD of the small
-    core gives the singular triplets.  Computed in float64.
-    """
-    q1, r1 = torch.linalg.qr(up.double())
-    q2, r2 = torch.linalg.qr(down.double().T)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
-    u, s, vh = q1 @ u, s, vh @ q2.T
-    return _pad_svd(u, s, vh, rank)
-
-
-def truncated_svd(matrix: torch.Tensor, rank: int):
-    """``U_R, S_R, V_Rᵀ`` of a dense matrix (float64)."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return _pad_svd(u, s, vh, rank)
-
-
-def _pad_svd(u, s, vh, rank):
-    """Keep ``rank`` triplets; if fewer exist, complete ``U``/``Vᵀ`` orthonormally with ``S = 0``."""
-    k = min(rank, s.shape[0])
-    u, s, vh = u[:, :k], s[:k], vh[:k]
-    if k < rank:
-        gen = torch.Generator().manual_seed(0)
-        extra_u = _orth_complement(u, rank - k, gen)
-        extra_v = _orth_complement(vh.T, rank - k, gen)
-        u = torch.cat([u, extra_u], dim=1)
-        vh = torch.cat([vh, extra_v.T], dim=0)
-        s = torch.cat([s, s.new_zeros(rank - k)])
-    return u, s, vh
-
-
-def _orth_complement(basis: torch.Tensor, extra: int, gen: torch.Generator) -> torch.Tensor:
-    g = torch.randn(basis.shape[0], extra, generator=gen, dtype=basis.dtype)
-    g = g - basis @ (basis.T @ g)
-    q, _ = torch.linalg.qr(g)
-    return q
-
-
-def cp_als(
-    tensor: torch.Tensor,
-    rank: int,
-    init: Sequence[torch.Tensor] | None = None,
-    n_iter: int = 200,
-    tol: float = 1e-10,
-    seed: int = 0,
-) -> tuple[list[torch.Tensor], float]:
-    """Rank-``R`` CP decomposition ``T ≈ Σ_j a^{(0)}_j ⊗ … ⊗ a^{(M-1)}_j`` by alternating least squares.
-
-    Each sweep solves, for every mode ``m``, the linear least-squares problem
-    ``A^{(m)} = T_(m) (⊙_{n≠m} A^{(n)}) (⊛_{n≠m} A^{(n)ᵀ}A^{(n)})^+`` (MTTKRP times the
-    pseudo-inverse of the Hadamard product of Gram matrices), which never increases
-    ``‖T − T̂‖``.  Columns of modes ``1…M−1`` are normalised to unit length after every
-    sweep, the norms going into mode 0.  Stops after ``n_iter`` sweeps or when the
-    relative error improves by less than ``tol``.
-
-    Args:
-        tensor: the tensor (any number of modes ≥ 2).
-        init: optional factors ``(d_m, R)`` to start from (else Gaussian, seeded).
-    Returns:
-        ``(factors, relative_error)`` with ``factors[m]`` of shape ``(d_m, R)`` (float64)
-        and ``relative_error = ‖T − T̂‖_F / ‖T‖_F``.
-    """
-    t = tensor.double()
-    n_modes = t.dim()
-    letters = string.ascii_lowercase[:n_modes]
-    if init is None:
-        gen = torch.Generator().manual_seed(seed)
-        factors = [torch.randn(d, rank, generator=gen, dtype=torch.float64) for d in t.shape]
-    else:
-        factors = [f.double().clone() for f in init]
-    norm_t = t.norm()
-    if norm_t == 0:
-        return [torch.zeros(d, rank, dtype=torch.float64) for d in t.shape], 0.0
-    prev = math.inf
-    err = math.inf
-    for _ in range(n_iter):
-        for m in range(n_modes):
-            others = [n for n in range(n_modes) if n != m]
-            eq = f"{letters}," + ",".join(f"{letters[n]}z" for n in others) + f"->{letters[m]}z"
-            mttkrp = torch.einsum(eq, t, *(factors[n] for n in others))
-            gram = torch.ones(rank, rank, dtype=torch.float64)
-            for n in others:
-                gram = gram * (factors[n].T @ factors[n])
-            factors[m] = mttkrp @ torch.linalg.pinv(gram, hermitian=True)
-        for m in range(1, n_modes):
-            norms = factors[m].norm(dim=0).clamp_min(1e-300)
-            factors[m] = factors[m] / norms
-            factors[0] = factors[0] * norms
-        recon = torch.einsum(",".join(f"{c}z" for c in letters) + f"->{letters}", *factors)
-        err = ((t - recon).norm() / norm_t).item()
-        if prev - err < tol:
-            break
-        prev = err
-    return factors, err
-
-
-# =============================================================================== dense rules
-def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
-    if density >= 1:
-        return t
-    k = int(density * t.numel())
-    flat = t.reshape(-1)
-    mask = torch.zeros_like(flat)
-    if k > 0:
-        mask[torch.topk(flat.abs(), k=k).indices] = 1
-    return t * mask.view_as(t)
-
-
-def _dare_prune(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    keep = torch.rand(t.shape, generator=gen) < density
-    return t * keep.to(t.dtype) / density
-
-
-def _disjoint_merge(tau: torch.Tensor, w: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
-    sign = tau.sign()
-    elected = tau.sum(0) if majority_sign_method == "total" else sign.sum(0)
-    majority = torch.where(elected >= 0, 1.0, -1.0).to(tau.dtype)
-    agree = sign == majority
-    merged = (tau * w * agree).sum(0)
-    return merged / agree.sum(0).clamp(min=1).to(tau.dtype)
-
-
-def combine_dense(
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    combination_type: str,
-    density: float = 1.0,
-    generator: torch.Generator | None = None,
-    majority_sign_method: str = "total",
-) -> torch.Tensor:
-    """One combination of dense task tensors (see the module docstring for the math)."""
-    w = torch.tensor(list(weights), dtype=tensors[0].dtype).view(-1, *([1] * tensors[0].dim()))
-    if combination_type in ("linear", "svd"):
-        return (torch.stack(list(tensors)) * w).sum(0)
-    if combination_type in ("ties", "magnitude_prune"):
-        tau = torch.stack([_magnitude_prune(t, density) for t in tensors])
-    else:
-        tau = torch.stack([_dare_prune(t, density, generator) for t in tensors])
-    if combination_type in ("magnitude_prune", "dare_linear"):
-        return (tau * w).sum(0)
-    return _disjoint_merge(tau, w, majority_sign_method)
 
 
 # =============================================================================== the entry point
@@ -541,7 +190,7 @@ def add_weighted_adapter(
         kind, value = payloads[layer.path]
         ranks[layer.path] = value.rank if kind == "factors" else 1
     config = _result_config(method, [model.peft_config[n] for n in names], layers, ranks)
-    plan = model._plan(adapter_name, config, target_names=[layer.path for layer in layers])
+    plan = model.plan(adapter_name, config, target_names=[layer.path for layer in layers])
 
     # --- everything is computed and validated; from here on only in-place copies and the commit
     saved_states = _combine_saved_modules(model, names, weights, combination_type, density, gen, majority_sign_method)
@@ -559,7 +208,7 @@ def add_weighted_adapter(
             got = adapter.delta_weight().detach().double()
             denom = target.double().norm().item()
             report.relative_error[path] = (got - target.double()).norm().item() / denom if denom > 0 else 0.0
-    model._commit(plan)
+    model.commit(plan)
     for path, wrapper in saved_module_wrappers(model.model):
         if path in saved_states and adapter_name in wrapper.copies:
             wrapper.copies[adapter_name].load_state_dict(saved_states[path])
@@ -589,7 +238,7 @@ def _sparse_linear(model, names, weights, adapter_name, result_method) -> Combin
                 summed.index_add_(0, torch.searchsorted(union, idx.long().cpu()), vals.detach().float().cpu() * w)
             supports[layer.path], values[layer.path] = union, summed
     config = codec.result_config([model.peft_config[n] for n in names], supports)
-    plan = model._plan(adapter_name, config, target_names=[layer.path for layer in layers])
+    plan = model.plan(adapter_name, config, target_names=[layer.path for layer in layers])
     saved_states = _combine_saved_modules(model, names, weights, "linear", 1.0, None, "total")
     report = CombinationReport(adapter_name, method, "linear")
     with torch.no_grad():
@@ -600,7 +249,7 @@ def _sparse_linear(model, names, weights, adapter_name, result_method) -> Combin
             err = (got.detach().double().cpu() - values[path].double()).norm().item()
             report.ranks[path] = int(supports[path].numel())
             report.relative_error[path] = err / denom if denom > 0 else 0.0
-    model._commit(plan)
+    model.commit(plan)
     for path, wrapper in saved_module_wrappers(model.model):
         if path in saved_states and adapter_name in wrapper.copies:
             wrapper.copies[adapter_name].load_state_dict(saved_states[path])
@@ -612,7 +261,7 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, d
                      majority_sign_method, result_method):
     if isinstance(adapters, str):
         adapters = [adapters]
-    names = model._check_known(list(adapters))
+    names = model.check_known(list(adapters))
     if not names:
         raise LavaConfigError("adapters is empty; name at least one adapter to combine")
     try:
@@ -864,6 +513,8 @@ __all__ = [
     "combine_dense",
     "cp_als",
     "factor_codec",
+    "method_of",
+    "to_native",
     "register_factor_codec",
     "register_sparse_codec",
 ]

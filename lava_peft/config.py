@@ -8,6 +8,7 @@ the library (injection, save/load, the CLI) only ever looks methods up here.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,16 @@ def config_class(method: str) -> type["AdapterConfig"]:
 def adapter_class(method: str) -> type:
     config_class(method)
     return _REGISTRY[method][1]
+
+
+def method_hook(reference: str):
+    """The function a config's extension point names (``"package.module:function"``), imported on use.
+
+    Hooks name their function instead of importing it so that a method's file (at the bottom of
+    the layers) can declare features implemented above the model (PEFT formats, CLI setup).
+    """
+    module_name, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
 
 
 def normalize_targets(targets: Any) -> str | list[str] | None:
@@ -89,6 +100,22 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = "base"
+
+    # -- extension points, read through the registry (a method's config overrides them) -----------
+    #: ``"module:function"`` that writes an adapter of this method as a HF PEFT directory
+    #: (``fn(model, directory, adapter_name, base_model_name_or_path)``); ``None``: the LoRA export
+    #: through the method's factor view (:mod:`lava_peft.interop`)
+    peft_export: ClassVar[str | None] = None
+    #: why :func:`~lava_peft.interop.export_peft` refuses this method (``{name}``: the adapter), or ``None``
+    peft_export_refusal: ClassVar[str | None] = None
+    #: HF PEFT ``peft_type`` this method imports, and the ``"module:function"`` doing it
+    #: (``fn(model, directory, peft_config, tensors, adapter_name, is_trainable)``)
+    peft_type: ClassVar[str | None] = None
+    peft_import: ClassVar[str | None] = None
+    #: ``"module:function"`` turning `lava train` options into a config (``fn(opts, targets, task)``),
+    #: and the default learning rate of `lava train` for this method
+    cli_config: ClassVar[str | None] = None
+    cli_default_lr: ClassVar[float] = 1e-3
 
     target_modules: Any = None
     exclude_modules: Any = None

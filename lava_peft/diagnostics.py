@@ -82,7 +82,7 @@ def unfoldings(delta: torch.Tensor) -> dict[str, torch.Tensor]:
 def delta_spectra(model, adapter_name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """``{layer path: {unfolding: singular values (descending, float64)}}`` of ``ΔW``."""
     name = adapter_name or model.active_adapter
-    model._check_known(name)
+    model.check_known(name)
     out = {}
     with torch.no_grad():
         for path, adapter in model.adapter_layers(name):
@@ -162,7 +162,7 @@ def awom_awor(delta1: torch.Tensor, delta2: torch.Tensor, orientation: str = "au
 
 def adapter_overlap(model, adapter1: str, adapter2: str, orientation: str = "auto", tol: float = 0.0) -> dict:
     """AWOM/AWOR per layer both adapters adapt, and their means over those layers."""
-    model._check_known([adapter1, adapter2])
+    model.check_known([adapter1, adapter2])
     per_layer = {}
     with torch.no_grad():
         for path, layer in adapted_layers(model.model):
@@ -189,7 +189,7 @@ def merged_change_fraction(model, adapter_name: str | None = None) -> dict:
     Computed from the current weights without modifying them; the adapter must not be merged.
     """
     name = adapter_name or model.active_adapter
-    model._check_known(name)
+    model.check_known(name)
     if name in model.merged_adapters:
         raise LavaError(f"adapter {name!r} is merged; unmerge it to measure what merging changes")
     changed = adapted = 0

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .combine import Factors, _CODECS, method_of, to_native
+from .methods.factors import Factors, _CODECS, method_of, to_native
 from .config import adapter_class, config_from_payload
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError, LavaError
 from .inject import adapted_layers, saved_module_wrappers
@@ -89,7 +89,7 @@ def hotswap_adapter(model, model_id: str, adapter_name: str = "default") -> None
     :func:`prepare_model_for_compiled_hotswap` first), cannot be represented in the loaded
     method's form, or if the adapter is merged.
     """
-    model._check_known(adapter_name)
+    model.check_known(adapter_name)
     if adapter_name in model.merged_adapters:
         raise LavaError(f"adapter {adapter_name!r} is merged; call model.unmerge_adapter() before hot-swapping it")
     config, new_adapters, tensors = read_adapter_dir(model, model_id)
@@ -212,7 +212,7 @@ def prepare_model_for_compiled_hotswap(model, target_rank: int, adapter_name: st
     if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank <= 0:
         raise LavaConfigError(f"target_rank must be a positive integer; got {target_rank!r}")
     name = adapter_name or model.active_adapter
-    model._check_known(name)
+    model.check_known(name)
     if name in model.merged_adapters:
         raise LavaError(f"adapter {name!r} is merged; unmerge it before preparing it for hot-swap")
     old_cfg = model.peft_config[name]

@@ -47,13 +47,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .combine import _CODECS
+from .config import config_class, method_hook, registered_methods
+from .methods.factors import _CODECS
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
 from .inject import adapted_layers, saved_module_wrappers
+from .peft_common import PREFIX, base_layer_at  # noqa: F401  (base_layer_at: re-exported)
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
-from .layers import AdaptedLayer, ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
+from .layers import ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
 
-PREFIX = "base_model.model."
 
 # PEFT LoraConfig fields that change the forward or the base weights: refused on import.
 _UNSUPPORTED_FLAGS = (
@@ -73,7 +74,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
 ) -> None:
     """Write adapter ``adapter_name`` (default: the active one) as a HF PEFT LoRA directory
-    (a SHiRA adapter as a PEFT SHiRA directory: see ``methods.shira.export_peft_shira``).
+    (a method whose config names a ``peft_export`` hook, e.g. SHiRA, writes its own PEFT format).
 
     ``peft.PeftModel.from_pretrained(base, save_directory)`` then gives the same outputs as
     ``model`` with that adapter active.  Raises :class:`LavaConfigError` (before writing
@@ -81,22 +82,12 @@ def export_peft(
     ``allow_rank_expansion=True``, and for dilated or non-zero-padded convs.
     """
     name = adapter_name or model.active_adapter
-    model._check_known(name)
+    model.check_known(name)
     config = model.peft_config[name]
-    if config.method == "shira":  # PEFT has SHiRA too: its own format
-        from .methods.shira import export_peft_shira
-
-        return export_peft_shira(model, save_directory, name, base_model_name_or_path)
-    if config.method == "mosa":
-        raise LavaConfigError(
-            f"adapter {name!r} is a MoSA adapter (split into sparse modules while training); merge its modules "
-            "into a plain LoRA/LAVA adapter first: lava_peft.methods.mosa.merge_modules(model, name), then export"
-        )
-    if config.method == "dylora":
-        raise LavaConfigError(
-            f"adapter {name!r} is a DyLoRA adapter (every rank at once); HF PEFT has no DyLoRA. Export it at one "
-            "rank b: lava_peft.methods.dylora.save_at_rank(model, b, directory, peft=True)"
-        )
+    if config.peft_export is not None:  # a method with its own PEFT format (e.g. SHiRA)
+        return method_hook(config.peft_export)(model, save_directory, name, base_model_name_or_path)
+    if config.peft_export_refusal is not None:
+        raise LavaConfigError(config.peft_export_refusal.format(name=name))
     codec = _CODECS.get(config.method)
     if codec is None:
         raise LavaConfigError(
@@ -218,20 +209,9 @@ def _peft_pattern_value(pattern: dict, path: str, default):
     return default
 
 
-def base_layer_at(base: nn.Module, path: str, problems: list[str]) -> nn.Module | None:
-    """The layer at ``path`` of ``base`` (the base layer of an :class:`AdaptedLayer`), or ``None``
-    with a note appended to ``problems`` when there is no such module (PEFT imports)."""
-    try:
-        found = base.get_submodule(path)
-    except AttributeError:
-        problems.append(f"{path}: no such module")
-        return None
-    return found.base_layer if isinstance(found, AdaptedLayer) else found
-
-
 def import_peft(model, model_id: str, adapter_name: str = "default", is_trainable: bool = False):
     """Load a HF PEFT LoRA directory into an :class:`~lava_peft.AdaptedModel` as a LoRA adapter
-    (a PEFT SHiRA directory as a SHiRA adapter: ``methods.shira.import_peft_shira``).
+    (another PEFT type through the method whose config declares it: ``peft_type`` / ``peft_import``, e.g. SHiRA).
 
     ``model`` is the base model (or an existing AdaptedModel to add to).  The adapter is
     activated; its outputs equal ``peft.PeftModel.from_pretrained(base, model_id)``'s.
@@ -246,16 +226,15 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     if not directory.is_dir():
         raise AdapterFileError(f"PEFT adapter directory {directory} does not exist")
     cfg = read_json(directory / CONFIG_NAME)
-    if cfg.get("peft_type") == "SHIRA":
-        from .methods.shira import import_peft_shira
-
+    importer = _peft_importer(cfg.get("peft_type"))
+    if importer is not None:
         if not (directory / WEIGHTS_NAME).is_file():
             raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME} (lava-peft never loads pickle weights)")
-        return import_peft_shira(model, directory, cfg, read_safetensors(directory / WEIGHTS_NAME), adapter_name,
-                                 is_trainable)
+        return importer(model, directory, cfg, read_safetensors(directory / WEIGHTS_NAME), adapter_name, is_trainable)
     if cfg.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{directory} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA and SHIRA can "
-                               "be imported")
+        known = ["LORA", *sorted(t for t, _ in _peft_imports())]
+        raise AdapterFileError(f"{directory} holds a PEFT {cfg.get('peft_type')!r} adapter; only "
+                               f"{' and '.join(known)} can be imported")
     bad = [f for f in _UNSUPPORTED_FLAGS if cfg.get(f)]
     if cfg.get("bias", "none") != "none":
         bad.append(f"bias={cfg['bias']!r}")
@@ -335,7 +314,7 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(cfg.get("use_rslora", False)),
     )
-    plan = wrapped._plan(adapter_name, config, target_names=list(ranks))
+    plan = wrapped.plan(adapter_name, config, target_names=list(ranks))
     with torch.no_grad():
         for path, _, adapter in plan.layers:
             a, b = tensors_for[path]
@@ -348,8 +327,8 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in expected):
             raise AdapterFileError(f"{weights_path}: the saved copy of {path} does not match the module's tensors")
     if not is_trainable:
-        wrapped._inference_only.add(adapter_name)
-    wrapped._commit(plan)
+        wrapped.inference_only.add(adapter_name)
+    wrapped.commit(plan)
     for path, wrapper in saved_module_wrappers(base):
         if path in saved_modules and adapter_name in wrapper.copies:
             wrapper.copies[adapter_name].load_state_dict(saved_modules[path])
@@ -379,6 +358,20 @@ def _saved_module_paths(base: nn.Module, other: dict[str, torch.Tensor], source)
             raise AdapterFileError(f"{source}: tensor {key!r} belongs to no module of this base model")
         out.setdefault(owner, {})[key[len(owner) + 1:]] = value
     return out
+
+
+def _peft_imports() -> list[tuple[str, str]]:
+    """``(peft_type, hook)`` of every registered method that imports a PEFT type of its own."""
+    hooks = []
+    for method in registered_methods():
+        cls = config_class(method)
+        if cls.peft_type is not None and cls.peft_import is not None:
+            hooks.append((cls.peft_type, cls.peft_import))
+    return hooks
+
+
+def _peft_importer(peft_type):
+    return next((method_hook(hook) for t, hook in _peft_imports() if t == peft_type), None)
 
 
 __all__ = ["export_peft", "import_peft"]

@@ -29,7 +29,6 @@ adapters do it with one ``addmm`` on their factors, sparse adapters (an optional
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -38,29 +37,11 @@ from torch import nn
 
 from .errors import AdapterNameError, LavaError
 from .fused_linear import frozen_linear_weight, fusable
+from .methods.base import LayerSpec
+from .methods.factors import adapter_factors
 
 BASE_NAME = "__base__"
 """Name that selects the plain base model for a sample in a mixed-adapter batch."""
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What an adapter needs to know about the layer it adapts.
-
-    ``kind`` is ``"linear"`` (Linear and GPT-2 Conv1D), ``"conv"`` or ``"embedding"``.
-    ``in_dim`` is per group for grouped convolutions.
-    """
-
-    kind: str
-    out_dim: int
-    in_dim: int
-    kernel_size: tuple[int, ...] = ()
-    groups: int = 1
-    padding_idx: int | None = None
-
-    @property
-    def canonical_shape(self) -> tuple[int, ...]:
-        return (self.out_dim, self.in_dim, *self.kernel_size)
 
 
 # --------------------------------------------------------------------------- layer ops
@@ -301,8 +282,6 @@ class AdaptedLayer(nn.Module):
         weight = self.base_weight
         if weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous():
             return None
-        from .combine import adapter_factors  # lazy: combine imports this module
-
         factors = adapter_factors(self.adapters[name])
         if factors is None:
             return None
@@ -312,8 +291,7 @@ class AdaptedLayer(nn.Module):
     def _sparse_delta(self, name: str):
         """``(flat indices, values)`` with ``ΔW.reshape(-1)[indices] = values`` (canonical layout) for an
         adapter whose increment is sparse (it defines ``sparse_delta()``); or None."""
-        get = getattr(self.adapters[name], "sparse_delta", None)
-        return get() if get is not None else None
+        return self.adapters[name].sparse_delta()
 
     def _check_finite(self, name: str) -> None:
         tensors = self._fused_factors(name)

@@ -282,7 +282,7 @@ def adapter_storage_bytes(model, adapter_name: str | None = None) -> dict[str, f
     from .diagnostics import adapter_sizes
 
     name = adapter_name or model.active_adapter
-    model._check_known(name)
+    model.check_known(name)
     sizes = adapter_sizes(model)[name]
     params, stored = sizes["params"], sizes["stored_bytes"]
     return {"tensor_bytes": stored, "params": params, "bits_per_param": 8 * stored / params if params else 0.0}

@@ -45,8 +45,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 @dataclass
-class _Plan:
-    """Everything ``add_adapter`` will do, built without touching the model."""
+class AdapterPlan:
+    """Everything ``add_adapter`` will do, built without touching the model (:meth:`AdaptedModel.plan`)."""
 
     name: str
     config: AdapterConfig
@@ -64,7 +64,7 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
-        self._inference_only: set[str] = set()
+        self.inference_only: set[str] = set()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -158,14 +158,21 @@ class AdaptedModel(nn.Module):
                 "pick another name or delete_adapter() it first"
             )
 
-    def _check_known(self, names: Iterable[str]) -> list[str]:
+    # ================================================================= building adapters
+    # The public model-building API: ``plan`` builds and checks everything without touching the
+    # model, the caller may fill the planned adapters' tensors, then ``commit`` installs them.
+    # ``inference_only`` names adapters kept frozen by ``set_adapter`` (loaded with is_trainable=False).
+    def check_known(self, names: Iterable[str]) -> list[str]:
+        """``names`` as a list; raises :class:`AdapterNameError` if one is not an adapter of this model."""
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
         return names
 
-    def _plan(self, name: str, config: AdapterConfig, target_names: list[str] | None = None) -> _Plan:
+    def plan(self, name: str, config: AdapterConfig, target_names: list[str] | None = None) -> AdapterPlan:
+        """Find the targets (or use ``target_names``), check every layer and build the adapters; the
+        model is not touched.  Raises a :class:`LavaError` for anything that would fail."""
         if not isinstance(config, AdapterConfig):
             raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
         self._check_new_name(name)
@@ -175,7 +182,7 @@ class AdaptedModel(nn.Module):
             targets = find_targets(self.model, config)
         else:
             targets = [(n, self.model.get_submodule(n)) for n in target_names]
-        plan = _Plan(name, config)
+        plan = AdapterPlan(name, config)
         for path, found in targets:
             base = found.base_layer if isinstance(found, AdaptedLayer) else found
             spec = layer_ops(base).spec(base)
@@ -186,7 +193,8 @@ class AdaptedModel(nn.Module):
             plan.saved.append((path, found))
         return plan
 
-    def _commit(self, plan: _Plan) -> None:
+    def commit(self, plan: AdapterPlan) -> None:
+        """Install a :meth:`plan`: wrap the layers, add the adapters and ``modules_to_save`` copies."""
         for p in self.model.parameters():
             p.requires_grad_(False)
         for path, found, adapter in plan.layers:
@@ -206,7 +214,7 @@ class AdaptedModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         """Add a new (inactive) adapter; ``set_adapter`` activates it."""
-        self._commit(self._plan(adapter_name, config))
+        self.commit(self.plan(adapter_name, config))
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several) the active, trainable adapter(s).
@@ -214,7 +222,7 @@ class AdaptedModel(nn.Module):
         On an unmerged model this only flips flags (O(1) in the weights); on a merged
         model it unmerges the old and merges the new adapters in place.
         """
-        names = self._check_known(adapter_name)
+        names = self.check_known(adapter_name)
         layers = [layer for _, layer in adapted_layers(self.model)]
         if not any(layer.merged_adapters for layer in layers):
             self._apply_active(names)
@@ -229,25 +237,25 @@ class AdaptedModel(nn.Module):
         for _, layer in adapted_layers(self.model):
             layer.active_adapters = [n for n in names if n in layer.adapters]
             for n, adapter in layer.adapters.items():
-                trainable = n in names and n not in self._inference_only
+                trainable = n in names and n not in self.inference_only
                 for p in adapter.parameters():
                     p.requires_grad_(trainable)
         for _, wrapper in saved_module_wrappers(self.model):
             wrapper.active_copy = next((n for n in names if n in wrapper.copies), None)
             for n, copy in wrapper.copies.items():
-                trainable = n == wrapper.active_copy and n not in self._inference_only
+                trainable = n == wrapper.active_copy and n not in self.inference_only
                 for p in copy.parameters():
                     p.requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._check_known(adapter_name)
+        self.check_known(adapter_name)
         for _, layer in adapted_layers(self.model):
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
         for _, wrapper in saved_module_wrappers(self.model):
             wrapper.remove(adapter_name)
         del self.peft_config[adapter_name]
-        self._inference_only.discard(adapter_name)
+        self.inference_only.discard(adapter_name)
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -315,7 +323,7 @@ class AdaptedModel(nn.Module):
         """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).
 
         See :attr:`exact_unmerge` for bit-exact unmerging."""
-        names = self._active if adapter_names is None else self._check_known(adapter_names)
+        names = self._active if adapter_names is None else self.check_known(adapter_names)
         self._check_mergeable(names)
         for _, layer in adapted_layers(self.model):
             layer.merge(names, backup=self.exact_unmerge, check=False)
@@ -370,32 +378,33 @@ class AdaptedModel(nn.Module):
 
         For LAVA ``λ = orth_lambda`` and the term is ``‖UᵀU − I‖²_F`` per layer, computed
         on r×r Grams in fp32, batched over layers of equal factor shape
-        (:func:`~lava_peft.methods.lava.batched_orth_penalty`).
+        (:func:`~lava_peft.methods.lava.batched_orth_penalty`, LAVA's
+        :meth:`~lava_peft.methods.base.DeltaAdapter.batched_regularization`).
         """
-        from .methods.lava import batched_orth_penalty
-
         total = None
         for name in self._active:
             weight = self.peft_config[name].regularization_weight()
             if not weight:
                 continue
-            # orthogonality factors are batched over layers of equal shape (one bmm per
-            # shape, fp32); the mean over layers is (Σ of all per-layer terms) / #layers
-            terms, factors, n_layers = [], [], 0
+            # batchable factors (e.g. LAVA's orthogonality factors) go to their class's batched
+            # function, one call per function over all layers; the mean over layers is
+            # (Σ of all per-layer terms) / #layers
+            terms, n_layers = [], 0
+            batches: dict = {}  # batched function -> factors of every layer that offers them
             for _, a in self.adapter_layers(name):
-                batchable = getattr(a, "batchable_regularization_factors", None)
-                fs = batchable() if batchable is not None else None
+                fs = a.batchable_regularization_factors()
                 if fs is not None:
-                    factors.extend(fs)
+                    batches.setdefault(type(a).batched_regularization, []).extend(fs)
                     n_layers += 1
                     continue
                 t = a.regularization()
                 if t is not None:
                     terms.append(t.float())
                     n_layers += 1
-            batched = batched_orth_penalty(factors) if factors else None
-            if batched is not None:
-                terms.append(batched)
+            for batched_fn, factors in batches.items():
+                batched = batched_fn(factors) if factors else None
+                if batched is not None:
+                    terms.append(batched)
             if terms:
                 summed = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
                 term = weight * (summed / n_layers)
@@ -422,7 +431,7 @@ class AdaptedModel(nn.Module):
         a collective): call it on every rank.
         """
         name = adapter_name or self.active_adapter
-        self._check_known(name)
+        self.check_known(name)
         state = {}
         for path, adapter in self.adapter_layers(name):
             for key, value in adapter.state_dict().items():
@@ -453,7 +462,7 @@ class AdaptedModel(nn.Module):
         (``is_main_process``; default: rank 0 when ``torch.distributed`` is initialized).
         Every rank takes part in gathering FSDP-sharded adapters.
         """
-        from . import __version__
+        from ._version import __version__
 
         if is_main_process is None:
             dist = torch.distributed
@@ -463,7 +472,7 @@ class AdaptedModel(nn.Module):
             names = list(self.peft_config)
             targets = {n: Path(save_directory) if n == "default" or len(names) == 1 else Path(save_directory) / n for n in names}
         else:
-            names = self._check_known(adapter_name)
+            names = self.check_known(adapter_name)
             targets = {n: Path(save_directory) if len(names) == 1 else Path(save_directory) / n for n in names}
         for name, directory in targets.items():
             if directory.exists() and not directory.is_dir():
@@ -517,7 +526,7 @@ class AdaptedModel(nn.Module):
         self._check_new_name(adapter_name)
         target_names = self._check_fingerprint(payload.get("base_model_fingerprint"), str(directory))
         tensors = read_safetensors(directory / WEIGHTS_NAME)
-        plan = self._plan(adapter_name, config, target_names=target_names)
+        plan = self.plan(adapter_name, config, target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
         for path, _, adapter in plan.layers:
             for key, value in adapter.state_dict().items():
@@ -531,8 +540,8 @@ class AdaptedModel(nn.Module):
             for path, _, adapter in plan.layers:
                 adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
         if not is_trainable:
-            self._inference_only.add(adapter_name)
-        self._commit(plan)
+            self.inference_only.add(adapter_name)
+        self.commit(plan)
         self.load_adapter_tensors(adapter_name, tensors, layers=False)
 
     @torch.no_grad()

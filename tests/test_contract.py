@@ -85,6 +85,9 @@ CONFIGS = {
                                                target_modules=["0"]),
     "shira_random": lambda: ShiraConfig(r=2, target_modules=["0"]),
     "shira_struct_density": lambda: ShiraConfig(density=0.3, alpha=0.5, mask_type="struct", target_modules=["0"]),
+    # the representation of combination results (ties/dare/...): a full ΔW, trainable like any adapter
+    "dense_delta": lambda: lp.DenseDeltaConfig(target_modules=["0"]),
+    "dense_delta_scaled": lambda: lp.DenseDeltaConfig(r=2, alpha=3, target_modules=["0"]),
 }
 
 ROWS = [(m, layer) for m in CONFIGS for layer in LAYERS]

@@ -260,7 +260,7 @@ MOSA_WORKER = textwrap.dedent(
     import os, sys
     import torch
     import lava_peft as lp
-    from lava_peft.methods.mosa import mosa_loss_fn
+    from lava_peft.tools.mosa import mosa_loss_fn
     from lava_peft.train import Trainer, TrainingArguments
 
 

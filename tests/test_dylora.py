@@ -16,6 +16,7 @@ from torch import nn
 
 import lava_peft as lp
 import lava_peft.methods.dylora as dy
+import lava_peft.tools.dylora as dyt
 from _tiny_models import randomize_adapters, tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +65,7 @@ def test_linear_output_at_every_rank_equals_truncated_formula(factorization, rsl
     model.eval()
     outputs = []
     for b in range(1, 5):
-        dy.set_rank(model, b)
+        dyt.set_rank(model, b)
         scale = 6.0 / (b**0.5 if rslora else b)
         expected = x @ W0.T + bias + scale * (x @ down[:b].double().T) @ up[:, :b].double().T
         with torch.no_grad():
@@ -104,7 +105,7 @@ def test_lava_conv_output_at_every_rank_equals_explicit_cp_sum(conv_path):
     U, V, P = _factors(adapter)
     model.eval()
     for b in (1, 2, 3):
-        dy.set_rank(model, b)
+        dyt.set_rank(model, b)
         delta = _cp_delta(U, V, P, b, 3.0 / b)
         torch.testing.assert_close(adapter.delta_weight().double(), delta, rtol=1e-5, atol=1e-6)
         expected = F.conv2d(x.double(), pristine[0].weight.double() + delta, pristine[0].bias.double(),
@@ -119,7 +120,7 @@ def test_lora_conv_is_flattened_and_truncated():
     B, A, _ = _factors(adapter)
     model.eval()
     for b in (1, 3):
-        dy.set_rank(model, b)
+        dyt.set_rank(model, b)
         delta = (6.0 / b) * (B[:, :b].double() @ A[:b].double()).reshape(5, 3, 3)
         expected = F.conv1d(x.double(), pristine[0].weight.double() + delta, pristine[0].bias.double(), padding=1)
         with torch.no_grad():
@@ -251,17 +252,17 @@ def test_sampling_is_reproducible_uniform_and_per_layer():
     assert set(counts) == {2, 3, 4}
     assert all(100 <= n <= 200 for n in counts.values()), counts  # 450 draws, 150 expected each
     assert any(len(set(step)) > 1 for step in trace)  # layers draw independently
-    assert dy.rank_sampler(model).step == 149  # one step per forward pass
+    assert dyt.rank_sampler(model).step == 149  # one step per forward pass
     # eval: the fixed rank, no draws
     model.eval()
     with torch.no_grad():
         model(torch.randn(2, 6))
     assert [a.last_rank for _, a in model.adapter_layers()] == [4, 4, 4]
-    dy.set_rank(model, 3)
+    dyt.set_rank(model, 3)
     with torch.no_grad():
         model(torch.randn(2, 6))
     assert [a.last_rank for _, a in model.adapter_layers()] == [3, 3, 3]
-    assert dy.rank_sampler(model).step == 149
+    assert dyt.rank_sampler(model).step == 149
 
 
 def test_global_sampling_gives_one_rank_per_forward_clipped_per_layer():
@@ -277,8 +278,8 @@ def test_eval_across_ranks_restores_mode_and_rank():
     x = torch.randn(4, 5)
     up, down, _ = _factors(adapter)
     model.train()
-    dy.set_rank(model, 2)
-    results = dy.eval_across_ranks(model, [1, 3], lambda m: (m.training, m(x).detach()))
+    dyt.set_rank(model, 2)
+    results = dyt.eval_across_ranks(model, [1, 3], lambda m: (m.training, m(x).detach()))
     for b in (1, 3):
         training, out = results[b]
         assert not training
@@ -315,7 +316,7 @@ def _trained(factorization, steps=4, **kw):
 
 
 def _at(model, b, ids, name="default"):
-    dy.set_rank(model, b, name)
+    dyt.set_rank(model, b, name)
     with torch.no_grad():
         return model(ids)
 
@@ -323,7 +324,7 @@ def _at(model, b, ids, name="default"):
 @pytest.mark.parametrize("factorization", ["lora", "lava"])
 def test_save_load_gives_same_outputs_at_several_ranks(factorization, tmp_path):
     model, pristine, ids = _trained(factorization)
-    dy.set_rank(model, 2)  # persisted as eval_rank
+    dyt.set_rank(model, 2)  # persisted as eval_rank
     model.save_pretrained(tmp_path)
     loaded = lp.AdaptedModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
     assert loaded.peft_config["default"].eval_rank == 2
@@ -348,10 +349,10 @@ def test_merge_at_rank_b_equals_unmerged_and_set_rank_remerges(factorization):
         torch.testing.assert_close(model.model.conv.base_layer.weight, w0, rtol=0, atol=1e-6)
     # set_rank on a merged adapter re-merges at the new rank
     at4 = _at(model, 4, ids)
-    dy.set_rank(model, 2)
+    dyt.set_rank(model, 2)
     at2 = _at(model, 2, ids)
     model.merge_adapter()
-    dy.set_rank(model, 4)
+    dyt.set_rank(model, 4)
     assert model.merged_adapters == ["default"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids), at4, rtol=1e-5, atol=1e-5)
@@ -364,7 +365,7 @@ def test_truncated_export_equals_dylora_at_b(factorization, tmp_path):
                                     use_rslora=True)
     for b in (1, 3):
         expected = _at(model, b, ids)
-        name = dy.truncate_to_rank(model, b)
+        name = dyt.truncate_to_rank(model, b)
         assert name == f"default_r{b}"
         cfg = model.peft_config[name]
         assert cfg.method == factorization and type(cfg) is not dy.DyLoraConfig
@@ -389,7 +390,7 @@ def test_peft_round_trip_of_the_truncated_lora(tmp_path):
     randomize_adapters(model)
     model.eval()  # (new adapters start in training mode, where ranks are drawn)
     logits = {b: _at(model, b, ids).logits for b in (2, 4)}
-    dy.save_at_rank(model, 2, str(tmp_path), peft=True)
+    dyt.save_at_rank(model, 2, str(tmp_path), peft=True)
     assert list(model.peft_config) == ["default"] and model.peft_config["default"].eval_rank == 4  # unchanged
     theirs = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
     with torch.no_grad():
@@ -423,15 +424,15 @@ def test_config_errors_say_what_to_change(kw, needle):
 def test_rank_errors_are_clear_and_change_nothing():
     model, _, adapter = _adapted(lambda: nn.Linear(5, 3), r=3, r_min=2)
     x = torch.randn(2, 5)
-    dy.set_rank(model, 2)
+    dyt.set_rank(model, 2)
     model.eval()
     with torch.no_grad():
         before = model(x)
     cfg_before = dataclasses.asdict(model.peft_config["default"])
     calls = []
     for bad in (1, 4, 0, 2.5, True, "2"):
-        for fn in (lambda b: dy.set_rank(model, b), lambda b: dy.truncate_to_rank(model, b),
-                   lambda b: dy.eval_across_ranks(model, [3, b], calls.append),
+        for fn in (lambda b: dyt.set_rank(model, b), lambda b: dyt.truncate_to_rank(model, b),
+                   lambda b: dyt.eval_across_ranks(model, [3, b], calls.append),
                    lambda b: adapter.delta_weight(rank=b)):
             with pytest.raises(lp.LavaConfigError, match=r"outside the trained range \[r_min, r\] = \[2, 3\]"):
                 fn(bad)
@@ -441,12 +442,12 @@ def test_rank_errors_are_clear_and_change_nothing():
         assert torch.equal(model(x), before)
     # a name that exists: nothing is added
     with pytest.raises(lp.AdapterNameError):
-        dy.truncate_to_rank(model, 2, new_name="default")
+        dyt.truncate_to_rank(model, 2, new_name="default")
     assert list(model.peft_config) == ["default"]
     # a non-DyLoRA adapter
     model.add_adapter("plain", lp.LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(lp.LavaConfigError, match="'plain' is a 'lora' adapter; rank control needs a 'dylora'"):
-        dy.set_rank(model, 2, "plain")
+        dyt.set_rank(model, 2, "plain")
 
 
 # =============================================================================== real data
@@ -469,7 +470,7 @@ def test_minilm_dylora_on_query_value_lowers_the_loss_at_several_ranks():
         with torch.no_grad():
             return F.cross_entropy(m(**inputs).logits, data["labels"]).item()
 
-    before = dy.eval_across_ranks(model, [1, 2, 4], loss_of)
+    before = dyt.eval_across_ranks(model, [1, 2, 4], loss_of)
     assert before[1] == before[4]  # ΔW = 0 at init
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -477,7 +478,7 @@ def test_minilm_dylora_on_query_value_lowers_the_loss_at_several_ranks():
         opt.zero_grad()
         F.cross_entropy(model(**inputs).logits, data["labels"]).backward()
         opt.step()
-    after = dy.eval_across_ranks(model, [1, 2, 4], loss_of)
+    after = dyt.eval_across_ranks(model, [1, 2, 4], loss_of)
     assert all(after[b] < before[b] - 0.02 for b in (1, 2, 4)), (before, after)
     assert len({round(v, 6) for v in after.values()}) == 3  # the ranks give different models
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import lava_peft as lp
 import lava_peft.methods.mosa as mosa
+import lava_peft.tools.mosa as mosa_tools
 from lava_peft.methods.mosa import MosaConfig
 from tests._tiny_models import randomize_adapters
 from tests.test_fastpaths import _grad_fn_names
@@ -141,7 +142,7 @@ def test_training_forward_with_module_k_equals_masked_hand_computation(factoriza
     kind = adapter.spec.kind
     model.train()
     for k in range(n):
-        mosa.set_module(model, k)
+        mosa_tools.set_module(model, k)
         with torch.no_grad():
             out = model(x)
         masked = {key: v * _hand_masks(tuple(v.shape), n, 0, "0", key)[k] for key, v in f.items()}
@@ -151,12 +152,12 @@ def test_training_forward_with_module_k_equals_masked_hand_computation(factoriza
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert adapter.last_module == k
     # eval: the full factors (the merged adapter), and no module is drawn
-    step = mosa.module_sampler(model).step
+    step = mosa_tools.module_sampler(model).step
     model.eval()
     with torch.no_grad():
         full = _hand_output(pristine[0], x, _hand_delta(f, adapter.scale, adapter.spec.canonical_shape), kind)
         torch.testing.assert_close(model(x), full, rtol=1e-5, atol=1e-5)
-    assert mosa.module_sampler(model).step == step
+    assert mosa_tools.module_sampler(model).step == step
 
 
 def test_training_on_a_linear_runs_the_fused_node_with_the_masked_factors():
@@ -172,7 +173,7 @@ def test_rescale_false_is_the_literal_masked_forward_and_up_split_keeps_down_who
     model, pristine, x = _model("linear", split="up", n_modules=4, rescale=False)
     adapter = _adapter(model)
     f = _factors(adapter)
-    mosa.set_module(model, 2)
+    mosa_tools.set_module(model, 2)
     model.train()
     mask = _hand_masks((10, 2), 4, 0, "0", "lora_B")[2]
     expected = pristine[0](x) + adapter.scale * (x @ f["lora_A"].T) @ (f["lora_B"] * mask).T
@@ -188,7 +189,7 @@ def test_gradients_reach_only_module_k_entries(factorization, layer, dropout):
         model, _, x = _model(layer, factorization=factorization, split=split, n_modules=3, dropout=dropout)
         adapter = _adapter(model)
         model.train()
-        mosa.set_module(model, 1)
+        mosa_tools.set_module(model, 1)
         model.zero_grad()
         model(x).float().pow(2).sum().backward()
         for key in _factors(adapter):
@@ -263,7 +264,7 @@ def test_eval_forward_equals_the_merged_plain_adapter_exactly(factorization, lay
     with torch.no_grad():
         assert torch.equal(plain(x), ours)
     # merge_modules: the same adapter name becomes a plain adapter, outputs bit for bit equal
-    config = mosa.merge_modules(model)
+    config = mosa_tools.merge_modules(model)
     assert type(config) is plain_cls and model.peft_config["default"] is config
     assert type(_adapter(model)) is type(plain.model[0].adapters["default"])
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
@@ -283,7 +284,7 @@ def test_merge_modules_keeps_a_merged_state_and_exports_as_peft_lora(tmp_path):
         ref = model(x)
         model.merge_adapter()
         merged_weight = model.model[0].base_layer.weight.clone()
-    mosa.merge_modules(model)
+    mosa_tools.merge_modules(model)
     assert model.merged_adapters == ["default"]
     assert torch.equal(model.model[0].base_layer.weight, merged_weight)
     model.unmerge_adapter()
@@ -327,7 +328,7 @@ def test_controller_draws_once_per_layer_and_forward_reproducibly_from_the_seed(
     x = torch.randn(4, 8)
     model = _deep_model(n_modules=4)
     trace = _module_trace(model, x, 12)
-    sampler = mosa.module_sampler(model)
+    sampler = mosa_tools.module_sampler(model)
     assert sampler.step == 11  # one step per training forward: every layer drew exactly once each time
     assert trace == _module_trace(_deep_model(torch_seed=3, n_modules=4), x, 12)  # the seed alone decides
     assert trace != _module_trace(_deep_model(n_modules=4, seed=9), x, 12)
@@ -340,7 +341,7 @@ def test_controller_draws_once_per_layer_and_forward_reproducibly_from_the_seed(
     assert sampler.step == 11
     dropped = _deep_model(n_modules=4, dropout=0.1)  # unfused path (adapter dropout): still one draw per call
     _module_trace(dropped, x, 5)
-    assert mosa.module_sampler(dropped).step == 4
+    assert mosa_tools.module_sampler(dropped).step == 4
     glob = _module_trace(_deep_model(n_modules=4, module_sampling="global"), x, 10)
     assert all(len(set(row)) == 1 for row in glob) and len({row[0] for row in glob}) > 1
 
@@ -348,9 +349,9 @@ def test_controller_draws_once_per_layer_and_forward_reproducibly_from_the_seed(
 def test_set_module_fixes_every_layer_and_none_restores_draws():
     x = torch.randn(4, 8)
     model = _deep_model(n_modules=3)
-    mosa.set_module(model, 2)
+    mosa_tools.set_module(model, 2)
     assert all(row == [2] * 6 for row in _module_trace(model, x, 3))
-    mosa.set_module(model, None)
+    mosa_tools.set_module(model, None)
     assert any(row != [2] * 6 for row in _module_trace(model, x, 6))
 
 
@@ -360,7 +361,7 @@ def test_checkpoint_recomputation_reuses_the_forward_module():
     x = torch.randn(4, 8)
     model = _deep_model(n_modules=4)
     model.train()
-    sampler = mosa.module_sampler(model)
+    sampler = mosa_tools.module_sampler(model)
     out = checkpoint(model, x, use_reentrant=False)
     step, used = sampler.step, [a.last_module for _, a in model.adapter_layers()]
     out.pow(2).sum().backward()  # recomputes every layer inside the backward pass
@@ -371,7 +372,7 @@ def test_checkpoint_recomputation_reuses_the_forward_module():
     modules, h = iter(used), x
     for layer in replay.model:
         if isinstance(layer, lp.AdaptedLayer):
-            mosa.set_module(replay, next(modules))
+            mosa_tools.set_module(replay, next(modules))
         h = layer(h)
     h.pow(2).sum().backward()
     for n, p in replay.named_parameters():
@@ -385,11 +386,11 @@ def test_symmetric_kl_matches_the_definition_with_and_without_a_row_mask():
     a, b = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
     p, q = a.softmax(-1), b.softmax(-1)
     per_row = 0.5 * ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1))
-    torch.testing.assert_close(mosa.symmetric_kl(a, b), per_row.mean())
+    torch.testing.assert_close(mosa_tools.symmetric_kl(a, b), per_row.mean())
     mask = torch.rand(3, 5) > 0.4
-    torch.testing.assert_close(mosa.symmetric_kl(a, b, mask), per_row[mask].mean())
-    assert mosa.symmetric_kl(a, a).item() == pytest.approx(0.0, abs=1e-7)
-    assert mosa.symmetric_kl(a, b, torch.zeros(3, 5, dtype=torch.bool)).item() == 0.0
+    torch.testing.assert_close(mosa_tools.symmetric_kl(a, b, mask), per_row[mask].mean())
+    assert mosa_tools.symmetric_kl(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    assert mosa_tools.symmetric_kl(a, b, torch.zeros(3, 5, dtype=torch.bool)).item() == 0.0
 
 
 def _classifier(n_modules=4, **cfg):
@@ -404,21 +405,21 @@ def _classifier(n_modules=4, **cfg):
 def test_consistency_loss_equals_hand_symmetric_kl_and_is_zero_for_one_module():
     model, batch = _classifier()
     model.train()
-    out = mosa.mosa_consistency_loss(model, batch, modules=(0, 3))
+    out = mosa_tools.mosa_consistency_loss(model, batch, modules=(0, 3))
     with torch.no_grad():
-        mosa.set_module(model, 0)
+        mosa_tools.set_module(model, 0)
         la = model(batch["x"])
-        mosa.set_module(model, 3)
+        mosa_tools.set_module(model, 3)
         lb = model(batch["x"])
-        mosa.set_module(model, None)
+        mosa_tools.set_module(model, None)
     p, q = la.softmax(-1), lb.softmax(-1)
     hand = (0.5 * ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1))).mean()
     torch.testing.assert_close(out.loss, hand, rtol=1e-5, atol=1e-7)
     assert out.loss.item() > 1e-4 and out.loss.requires_grad
     assert torch.equal(out.logits_a.detach(), la) and torch.equal(out.logits_b.detach(), lb)
-    same = mosa.mosa_consistency_loss(model, batch, modules=(2, 2))
+    same = mosa_tools.mosa_consistency_loss(model, batch, modules=(2, 2))
     assert same.loss.item() == 0.0
-    sampler = mosa.module_sampler(model)
+    sampler = mosa_tools.module_sampler(model)
     assert sampler.fixed is None and sampler.avoid is None
 
 
@@ -435,24 +436,24 @@ def test_consistency_loss_draws_a_different_module_in_every_layer():
 
     for _ in range(5):
         seen.clear()
-        mosa.mosa_consistency_loss(model, batch, forward_fn=forward)
+        mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward)
         assert all(ka != kb for ka, kb in zip(*seen)), seen
-    mosa.set_module(model, 1)  # a fixed module: forward B still differs
+    mosa_tools.set_module(model, 1)  # a fixed module: forward B still differs
     seen.clear()
-    mosa.mosa_consistency_loss(model, batch, forward_fn=forward)
+    mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward)
     assert seen[0] == [1] * 6 and 1 not in seen[1]
-    assert mosa.module_sampler(model).fixed == 1
+    assert mosa_tools.module_sampler(model).fixed == 1
 
 
 def test_loss_fn_for_the_trainer_adds_the_weighted_kl_in_training_only(tmp_path):
     model, batch = _classifier(n_modules=2)
-    loss_fn = mosa.mosa_loss_fn(weight=0.5)
+    loss_fn = mosa_tools.mosa_loss_fn(weight=0.5)
     model.train()
-    mosa.set_module(model, 0)  # forward A: module 0; forward B: the only other one, module 1
+    mosa_tools.set_module(model, 0)  # forward A: module 0; forward B: the only other one, module 1
     loss, logits = loss_fn(model, batch)
     with torch.no_grad():
         la = model(batch["x"])
-        mosa.set_module(model, 1)
+        mosa_tools.set_module(model, 1)
         lb = model(batch["x"])
     p, q = la.softmax(-1), lb.softmax(-1)
     kl = (0.5 * ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1))).mean()
@@ -464,7 +465,7 @@ def test_loss_fn_for_the_trainer_adds_the_weighted_kl_in_training_only(tmp_path)
         full = model(batch["x"])
     torch.testing.assert_close(loss, F.cross_entropy(full, batch["labels"]))
     # the Trainer's objective hook: loss_fn=
-    mosa.set_module(model, None)
+    mosa_tools.set_module(model, None)
     data = {"x": torch.randn(32, 8), "labels": torch.randint(0, 3, (32,))}
     trainer = lp.Trainer(model, lp.TrainingArguments(output_dir=str(tmp_path), max_steps=4, batch_size=16, lr=1e-2,
                                                      progress=False, summary=False, save_final=False,
@@ -488,7 +489,7 @@ def test_consistency_loss_refuses_activation_checkpointing():
     model.train()
     batch = {"input_ids": torch.randint(0, 64, (2, 6)), "labels": torch.tensor([0, 1])}
     with pytest.raises(lp.LavaConfigError, match="checkpointing"):
-        mosa.mosa_consistency_loss(model, batch)
+        mosa_tools.mosa_consistency_loss(model, batch)
 
 
 # =============================================================================== files
@@ -511,8 +512,8 @@ def test_save_load_gives_the_same_eval_outputs_and_the_same_modules(factorizatio
         assert torch.equal(_adapter(resumed).module_mask(key, 1), _adapter(model).module_mask(key, 1))
     resumed.train()
     model.train()
-    mosa.set_module(resumed, 1)
-    mosa.set_module(model, 1)
+    mosa_tools.set_module(resumed, 1)
+    mosa_tools.set_module(model, 1)
     with torch.no_grad():
         assert torch.equal(resumed(x), model(x))
 
@@ -558,26 +559,26 @@ def test_too_many_modules_for_a_factor_is_refused_before_anything_changes():
 def test_model_level_errors():
     model, batch = _classifier()
     with pytest.raises(lp.LavaConfigError, match=r"module 4 does not exist; use an integer in \[0, 3\]"):
-        mosa.set_module(model, 4)
-    assert mosa.module_sampler(model).fixed is None
+        mosa_tools.set_module(model, 4)
+    assert mosa_tools.module_sampler(model).fixed is None
     with pytest.raises(lp.LavaConfigError, match="does not exist"):
         _adapter(model).module_factors(-1)
     with pytest.raises(lp.LavaConfigError, match="modules must be a pair"):
-        mosa.mosa_consistency_loss(model, batch, modules=(1,))
+        mosa_tools.mosa_consistency_loss(model, batch, modules=(1,))
     model.eval()
     with pytest.raises(lp.LavaError, match="model.train"):
-        mosa.mosa_consistency_loss(model, batch)
+        mosa_tools.mosa_consistency_loss(model, batch)
     with pytest.raises(lp.LavaConfigError, match="weight"):
-        mosa.mosa_loss_fn(weight=-1.0)
+        mosa_tools.mosa_loss_fn(weight=-1.0)
     model.add_adapter("plain", lp.LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(lp.LavaConfigError, match="'lora' adapter; this needs a 'mosa' adapter"):
-        mosa.merge_modules(model, "plain")
+        mosa_tools.merge_modules(model, "plain")
     model.set_adapter("plain")
     model.train()
     with pytest.raises(lp.LavaConfigError, match="no active MoSA adapter"):
-        mosa.mosa_consistency_loss(model, batch)
+        mosa_tools.mosa_consistency_loss(model, batch)
     with pytest.raises(lp.AdapterNameError):
-        mosa.set_module(model, 0, adapter_name="missing")
+        mosa_tools.set_module(model, 0, adapter_name="missing")
 
 
 # =============================================================================== real data
@@ -608,7 +609,7 @@ def test_minilm_query_value_mosa_trains_and_merges_into_an_identical_lora(tmp_pa
         assert torch.equal(model(**inputs).logits, pristine.eval()(**inputs).logits)  # ΔW = 0 at init
         eval_before = F.cross_entropy(model(**inputs).logits, train["labels"]).item()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    loss_fn = mosa.mosa_loss_fn(weight=1.0)
+    loss_fn = mosa_tools.mosa_loss_fn(weight=1.0)
     b0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_B")}
     model.train()
     for _ in range(6):
@@ -622,7 +623,7 @@ def test_minilm_query_value_mosa_trains_and_merges_into_an_identical_lora(tmp_pa
     assert F.cross_entropy(logits, train["labels"]).item() < eval_before
     # every layer's B (the split factor, zero at init) has trained entries
     assert all(not torch.equal(b0[n], p) for n, p in model.named_parameters() if n.endswith("lora_B"))
-    mosa.merge_modules(model)
+    mosa_tools.merge_modules(model)
     assert model.peft_config["default"].method == "lora"
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, logits)

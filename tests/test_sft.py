@@ -22,7 +22,9 @@ import lava_peft as lp
 from lava_peft.inject import adapted_layers
 from lava_peft.layers import AdaptedLayer
 from lava_peft.methods import sparse_masks as sm
-from lava_peft.methods.sft import SftAdapter, SftConfig, lottery_ticket_masks, trainer_phase
+from lava_peft.tools import sparse_masks as sm_tools
+from lava_peft.methods.sft import SftAdapter, SftConfig
+from lava_peft.tools.sft import lottery_ticket_masks, trainer_phase
 from test_contract import GPT2Conv1D
 
 

@@ -21,7 +21,9 @@ from torch import nn
 import lava_peft as lp
 from lava_peft import diagnostics
 from lava_peft.methods import sparse_masks as sm
-from lava_peft.methods.shira import SAVED_MASKS, ShiraAdapter, ShiraConfig, export_peft_shira, with_masks
+from lava_peft.tools import sparse_masks as sm_tools
+from lava_peft.methods.shira import SAVED_MASKS, ShiraAdapter, ShiraConfig
+from lava_peft.tools.shira import export_peft_shira, with_masks
 from test_contract import GPT2Conv1D
 
 
@@ -256,7 +258,7 @@ def test_calibration_gradients_by_hand_and_state_restored():
     model, batches, loss_fn, by_hand = _calibration_setup()
     model[1].weight.grad = torch.ones_like(model[1].weight)  # an existing gradient stays as it is
     flags = [p.requires_grad for p in model.parameters()]
-    grads = sm.calibration_gradients(model, batches, loss_fn, ["0"])
+    grads = sm_tools.calibration_gradients(model, batches, loss_fn, ["0"])
     torch.testing.assert_close(grads["0"], torch.from_numpy(by_hand).float())
     assert [p.requires_grad for p in model.parameters()] == flags
     assert model[0].weight.grad is None and torch.equal(model[1].weight.grad, torch.ones(2, 3))
@@ -267,12 +269,12 @@ def test_calibration_gradients_by_hand_and_state_restored():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        sm.calibration_gradients(model, batches, failing, ["0"])
+        sm_tools.calibration_gradients(model, batches, failing, ["0"])
     assert [p.requires_grad for p in model.parameters()] == [False, True, True]
     with pytest.raises(lp.LavaConfigError, match="at least one batch"):
-        sm.calibration_gradients(model, [], loss_fn, ["0"])
+        sm_tools.calibration_gradients(model, [], loss_fn, ["0"])
     with pytest.raises(lp.LavaError, match="does not depend on"):
-        sm.calibration_gradients(model, batches, loss_fn, ["1"])
+        sm_tools.calibration_gradients(model, batches, loss_fn, ["1"])
 
 
 @pytest.mark.parametrize("mask_type", ["weight_magnitude", "grad", "snip"])

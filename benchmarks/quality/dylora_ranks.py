@@ -9,7 +9,7 @@ init seed, AdamW, linear warm-up (6%) then cosine decay, one epoch.
 
 * **DyLoRA** ``r=8, r_min=1`` (LoRA factors, ``update="full"``, per-layer rank draws), trained
   once; at rank ``b`` its forward is ``W0 x + (α/b) B[:, :b] A[:b] x``
-  (:func:`lava_peft.methods.dylora.set_rank`).
+  (:func:`lava_peft.tools.dylora.set_rank`).
 * **LoRA** ``r=8`` trained normally, then truncated to its first ``b`` components in two
   ways: keeping its trained scale ``α/8`` (dropping components), and with DyLoRA's
   convention ``α/b`` (what a plain rank-``b`` LoRA with the same ``alpha`` computes).
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 import lava_peft as lp
-from lava_peft.methods.dylora import DyLoraConfig, eval_across_ranks
+from lava_peft.methods.dylora import DyLoraConfig
+from lava_peft.tools.dylora import eval_across_ranks
 from lava_peft.train import set_seed
 from lava_peft.train.tasks import load_text_data, load_text_model
 

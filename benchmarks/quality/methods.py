@@ -51,7 +51,7 @@ import torch
 import lava_peft as lp
 from lava_peft.cli import TRAIN_OPTIONS, adapter_config_for, build_model_for
 from lava_peft.lowbit import adapter_storage_bytes
-from lava_peft.methods.dylora import eval_across_ranks
+from lava_peft.tools.dylora import eval_across_ranks
 from lava_peft.model import SAVED_MARKER
 from lava_peft.train import set_seed
 from lava_peft.train.schedule import param_groups

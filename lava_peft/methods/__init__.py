@@ -7,7 +7,8 @@ from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
 from .lowbit import LowBitAdapter, LowBitConfig
 from .mosa import MosaAdapter, MosaConfig
-from .shira import ShiraAdapter, ShiraConfig, SparseDeltaAdapter
+from .shira import ShiraAdapter, ShiraConfig
+from .sparse import SparseDeltaAdapter
 from .sft import SftAdapter, SftConfig
 
 __all__ = ["DeltaAdapter", "DenseDeltaAdapter", "DenseDeltaConfig", "DyLoraAdapter", "DyLoraConfig", "LavaAdapter", "LavaConfig", "LoraAdapter", "LoraConfig", "LowBitAdapter", "LowBitConfig", "MosaAdapter", "MosaConfig",

@@ -16,12 +16,33 @@ against this protocol (``layers.py``, ``model.py``, ``io.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..fused_linear import lowrank_linear
-from ..layers import LayerSpec
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What an adapter needs to know about the layer it adapts.
+
+    ``kind`` is ``"linear"`` (Linear and GPT-2 Conv1D), ``"conv"`` or ``"embedding"``.
+    ``in_dim`` is per group for grouped convolutions.
+    """
+
+    kind: str
+    out_dim: int
+    in_dim: int
+    kernel_size: tuple[int, ...] = ()
+    groups: int = 1
+    padding_idx: int | None = None
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        return (self.out_dim, self.in_dim, *self.kernel_size)
 
 
 class DeltaAdapter(nn.Module):
@@ -72,6 +93,22 @@ class DeltaAdapter(nn.Module):
         return base_out + layer.ops.forward_with_weight(layer.base_layer, x_in, delta.to(dtype), with_bias=False)
 
     def regularization(self) -> torch.Tensor | None:
+        """Unweighted loss term of this layer, or ``None``; the config's ``regularization_weight()`` weighs it."""
+        return None
+
+    def batchable_regularization_factors(self) -> list[torch.Tensor] | None:
+        """Tensors whose :meth:`regularization` the model computes for all layers at once with
+        :meth:`batched_regularization` (one call per function), or ``None``: use :meth:`regularization`."""
+        return None
+
+    @staticmethod
+    def batched_regularization(factors: list[torch.Tensor]) -> torch.Tensor | None:
+        """``Σ`` of the regularization terms of the given factors of many layers (see above)."""
+        return None
+
+    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(flat indices, values)`` with ``ΔW.reshape(-1)[indices] = values`` (canonical layout, scale
+        folded in) for a sparse increment, or ``None``: merges then scatter-add instead of adding ``ΔW``."""
         return None
 
     def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -99,9 +136,6 @@ class DeltaAdapter(nn.Module):
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
         """Raise a clear error if this method cannot adapt the layer (before anything is modified)."""
-
-    def max_rank(self) -> int:  # pragma: no cover - informational
-        return self.r
 
 
 def _dropout_active(adapter: "DeltaAdapter") -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, register_method
-from ..layers import LayerSpec
+from .base import LayerSpec
 from .base import DeltaAdapter
 
 

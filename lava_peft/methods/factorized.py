@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, register_method
-from ..errors import AdapterNameError, LavaConfigError
+from ..errors import LavaConfigError
 from .base import DeltaAdapter
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
@@ -230,30 +230,11 @@ def in_backward() -> bool:
     return task is not None and task() != -1
 
 
-# =============================================================================== model-level API
-def adapter_of_method(model, adapter_name: str | None, config_cls: type[AdapterConfig], purpose: str):
-    """``(name, config, [(path, adapter)])`` of adapter ``adapter_name`` (default: the active one) of
-    ``model``, which must be a ``config_cls`` adapter (``purpose`` says what needs it)."""
-    method = config_cls.method
-    name = adapter_name or model.active_adapter
-    if name is None:
-        raise AdapterNameError(f"the model has no active adapter; pass adapter_name=<a {method} adapter>")
-    model._check_known(name)
-    config = model.peft_config[name]
-    if not isinstance(config, config_cls):
-        raise LavaConfigError(
-            f"adapter {name!r} is a {config.method!r} adapter; {purpose} needs a {method!r} adapter "
-            f"(this model's adapters: {sorted(model.peft_config)})"
-        )
-    return name, config, model.adapter_layers(name)
-
-
 __all__ = [
     "FACTORIZATIONS",
     "FactorizedAdapter",
     "FactorizedConfig",
     "StepCounter",
-    "adapter_of_method",
     "factor_parameter",
     "in_backward",
     "register_factorized",

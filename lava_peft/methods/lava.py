@@ -39,8 +39,8 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..errors import LavaConfigError
-from ..layers import LayerSpec
-from .base import DeltaAdapter, lowrank_factors, lowrank_forward
+from .base import DeltaAdapter, LayerSpec, lowrank_factors, lowrank_forward
+from .factors import FactorCodec, Factors, register_factor_codec
 from .cp_conv import choose_conv_path, cp_conv_separable
 
 
@@ -223,6 +223,8 @@ class LavaAdapter(DeltaAdapter):
     def regularization(self) -> torch.Tensor:
         return sum(orth_penalty(f) for f in self.regularized_factors())
 
+    batched_regularization = staticmethod(batched_orth_penalty)
+
     def batchable_regularization_factors(self) -> list[torch.Tensor] | None:
         """The factors whose orth penalties sum to :meth:`regularization` (for the batched
         model-level term), or ``None`` when a subclass computes something else."""
@@ -231,4 +233,30 @@ class LavaAdapter(DeltaAdapter):
         return self.regularized_factors()
 
 
+class LavaCodec(FactorCodec):
+    """LAVA's factor view: ``U``, ``V`` (and the CP modes ``P_k`` on convs)."""
+
+    svd_singular_values = "down"
+
+    def read(self, adapter, scaled: bool = True) -> Factors:
+        modes = [adapter.lava_V]
+        if adapter.spec.kind == "conv":
+            modes += list(adapter.lava_P)
+        return Factors(adapter.lava_U * adapter.scale if scaled else adapter.lava_U, modes)
+
+    def write(self, adapter, factors: Factors) -> None:
+        adapter.lava_U.copy_(factors.up / adapter.scale)
+        adapter.lava_V.copy_(factors.modes[0])
+        if adapter.spec.kind == "conv":
+            for p, m in zip(adapter.lava_P, factors.modes[1:]):
+                p.copy_(m)
+
+    def native_cp(self, spec: LayerSpec) -> bool:
+        return spec.kind == "conv"
+
+    def max_rank(self, spec: LayerSpec) -> int:
+        return LavaAdapter.max_rank_for(spec)
+
+
 register_method("lava", LavaConfig, LavaAdapter)
+register_factor_codec("lava", LavaCodec())

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..errors import LavaConfigError
-from ..layers import LayerSpec
+from .base import LayerSpec
+from .factors import FactorCodec, Factors, register_factor_codec
 from .base import DeltaAdapter, lowrank_factors, lowrank_forward
 
 
@@ -68,4 +69,21 @@ class LoraAdapter(DeltaAdapter):
         return lowrank_forward(x, self.lora_A, self.lora_B, self.scale, self, base_out.dtype, base_out)
 
 
+class LoraCodec(FactorCodec):
+    """LoRA's factor view: ``ΔW = s·B·A`` (flattened kernel on convs)."""
+
+    svd_singular_values = "up"
+
+    def read(self, adapter, scaled: bool = True) -> Factors:
+        return Factors(adapter.lora_B * adapter.scale if scaled else adapter.lora_B, [adapter.lora_A])
+
+    def write(self, adapter, factors: Factors) -> None:
+        adapter.lora_B.copy_(factors.up / adapter.scale)
+        adapter.lora_A.copy_(factors.modes[0])
+
+    def max_rank(self, spec: LayerSpec) -> int:
+        return min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
+
+
 register_method("lora", LoraConfig, LoraAdapter)
+register_factor_codec("lora", LoraCodec())

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, LavaConfigError, LavaError
-from ..layers import LayerSpec
+from .base import LayerSpec
 from ..lowbit import dequantize, fake_quantize, pack_codes, packed_size, quantize, unpack_codes
 from .factorized import FactorizedAdapter, FactorizedConfig, register_factorized
 from .lava import LavaAdapter

@@ -1,0 +1,216 @@
+"""SHiRA on a whole model: masks from the model's weights or gradients, and the HF PEFT SHiRA format.
+
+:func:`with_masks` fills ``ShiraConfig.masks`` for the builders that read the model
+(``weight_magnitude``, ``grad``, ``snip``); :func:`export_peft_shira` / :func:`import_peft_shira`
+convert to and from a HF PEFT (0.21) SHiRA directory (reached through
+:func:`lava_peft.interop.export_peft` / ``import_peft``: ``ShiraConfig`` names them as its
+PEFT hooks).  The adapter itself is :mod:`lava_peft.methods.shira`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
+from ..inject import adapted_layers, find_targets
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json
+from ..layers import AdaptedLayer, LinearOps, layer_ops
+from ..methods.base import LayerSpec
+from ..methods.shira import ShiraAdapter, ShiraConfig, shira_budget
+from ..methods.sparse_masks import MaskInputs, mask_builder, select_top
+from ..model import AdaptedModel
+from ..peft_common import base_layer_at
+from .sparse_masks import calibration_gradients
+
+
+def with_masks(model: nn.Module, config: ShiraConfig, batches=None, loss_fn=None) -> ShiraConfig:
+    """``config`` with ``masks`` filled for every layer it targets, from the model's current weights.
+
+    ``random``/``struct`` need nothing; ``weight_magnitude`` reads ``W``; ``grad``/``snip``
+    accumulate ``|∇W|`` over ``batches`` with ``loss_fn(model, batch) -> loss``
+    (:func:`~lava_peft.tools.sparse_masks.calibration_gradients`; the model is left as it
+    was).  ``model`` is the base model or an :class:`~lava_peft.AdaptedModel` (then the
+    base weights of adapted layers are used, as they are — merged adapters included).
+    The result is passed to ``adapt``/``add_adapter`` unchanged.
+    """
+    config.validate()
+    builder = mask_builder(config.mask_type)
+    layers = mask_layers(model, config)
+    grads = {}
+    if "grad" in builder.needs:
+        if batches is None or loss_fn is None:
+            raise LavaConfigError(
+                f"mask_type={config.mask_type!r} needs calibration gradients: pass batches=<iterable of batches> "
+                "and loss_fn=<callable(model, batch) -> loss>"
+            )
+        grads = calibration_gradients(model, batches, loss_fn, {path: base.weight for path, base, *_ in layers})
+    scores = layer_scores(layers, config, grad=grads)
+    masks = {path: select_top(scores[path], budget, config.mask_slot).cpu() for path, *_, budget in layers}
+    return dataclasses.replace(config, masks=masks)
+
+
+def mask_layers(model: nn.Module, config: ShiraConfig) -> list[tuple[str, nn.Module, Any, LayerSpec, int]]:
+    """``(path, base layer, layer ops, spec, budget)`` of every layer ``config`` targets, each checked
+    (budget and mask slot fit).  ``model`` is the base model or an :class:`~lava_peft.AdaptedModel`
+    (then the base layers of adapted layers)."""
+    root = model.model if isinstance(model, AdaptedModel) else model
+    layers = []
+    for path, found in find_targets(root, config):
+        base = found.base_layer if isinstance(found, AdaptedLayer) else found
+        ops = layer_ops(base)
+        spec = ops.spec(base)
+        ShiraAdapter.check_layer(spec, config, path)
+        layers.append((path, base, ops, spec, shira_budget(spec, config, path)))
+    return layers
+
+
+def layer_scores(layers, config: ShiraConfig, **per_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{path: scores}`` of the builder ``config.mask_type`` for :func:`mask_layers`' layers (canonical layout).
+
+    ``per_layer`` gives further :class:`~lava_peft.methods.sparse_masks.MaskInputs` fields as
+    ``{path: tensor}`` in the weight's own layout (``grad=``, ``weight_change=``); the weight
+    itself is read when the builder needs it.
+    """
+    builder = mask_builder(config.mask_type)
+    out = {}
+    for path, base, ops, spec, budget in layers:
+        # the layer maps are transposes (their own inverses): to_base_layout also maps base -> canonical
+        extra = {name: ops.to_base_layout(values[path]) for name, values in per_layer.items() if path in values}
+        weight = ops.to_base_layout(base.weight.detach()).float() if "weight" in builder.needs else None
+        out[path] = builder.scores(MaskInputs(spec.canonical_shape, budget, config.seed, weight=weight, **extra))
+    return out
+
+
+def export_peft_shira(model, save_directory: str, adapter_name: str | None = None,
+                      base_model_name_or_path: str | None = None) -> None:
+    """Write SHiRA adapter ``adapter_name`` as a HF PEFT (0.21) SHiRA directory.
+
+    PEFT stores per module ``base_model.model.<path>.shira_weight`` (the values, scale 1) and
+    ``shira_indices`` (``(2, nnz)`` int32 rows/columns, row-major — our sorted flat indices
+    unravelled); ``α`` is folded into the values.  PEFT sizes every layer as ``r·(m + n)``
+    with one ``r`` and adapts only ``nn.Linear``, so other layers, per-module budgets and
+    ``modules_to_save`` are refused (before anything is written).
+    """
+    name = adapter_name or model.active_adapter
+    model.check_known(name)
+    config = model.peft_config[name]
+    if config.method != "shira":
+        raise LavaConfigError(f"adapter {name!r} is a {config.method!r} adapter; export_peft_shira exports SHiRA only")
+    if config.modules_to_save:
+        raise LavaConfigError(f"adapter {name!r} has modules_to_save {config.modules_to_save}; the PEFT SHiRA export "
+                              "does not carry them")
+    tensors, ranks = {}, {}
+    for path, layer in adapted_layers(model.model):
+        if name not in layer.adapters:
+            continue
+        if type(layer.ops) is not LinearOps or type(layer.base_layer) is not nn.Linear:
+            raise LavaConfigError(f"{path} is a {type(layer.base_layer).__name__}; PEFT SHiRA adapts nn.Linear only")
+        adapter = layer.adapters[name]
+        indices, values = adapter.sparse_delta()
+        per_rank = layer.spec.out_dim + layer.spec.in_dim
+        if indices.numel() % per_rank:
+            raise LavaConfigError(f"{path} has {indices.numel()} entries, not r·(O + I) = r·{per_rank}; PEFT SHiRA "
+                                  "sizes every layer by r")
+        ranks[path] = indices.numel() // per_rank
+        flat = indices.long().cpu()
+        rows, cols = flat // layer.spec.in_dim, flat % layer.spec.in_dim
+        tensors[f"base_model.model.{path}.shira_weight"] = values.detach().float().cpu()
+        tensors[f"base_model.model.{path}.shira_indices"] = torch.stack([rows, cols]).to(torch.int32)
+    if len(set(ranks.values())) != 1:
+        raise LavaConfigError(f"adapter {name!r} has per-layer budgets (r = {sorted(set(ranks.values()))}); PEFT "
+                              "SHiRA has one r for every layer")
+    peft_config = {
+        "peft_type": "SHIRA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": next(iter(ranks.values())),
+        "mask_type": "random",  # PEFT builds a random mask, then loads the saved indices over it
+        "random_seed": config.seed,
+        "target_modules": "(?:" + "|".join(re.escape(p) for p in ranks) + ")",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "modules_to_save": None,
+    }
+    out = Path(save_directory)
+    atomic_save_safetensors(tensors, out / WEIGHTS_NAME, {"format": "pt"})
+    atomic_write_json(out / CONFIG_NAME, peft_config)
+
+
+def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[str, torch.Tensor],
+                      adapter_name: str = "default", is_trainable: bool = False):
+    """Load a HF PEFT SHiRA directory (``peft_type: "SHIRA"``) as a SHiRA adapter; the inverse of
+    :func:`export_peft_shira`.  Called by :func:`lava_peft.interop.import_peft`.
+
+    Per module, PEFT's ``shira_indices`` ``(2, nnz)`` (row, column) pairs become our sorted flat
+    indices ``row·I + col`` and ``shira_weight`` the values, permuted the same way (scale 1).
+    Everything is checked — keys, shapes, index range and uniqueness, that every module is an
+    ``nn.Linear`` of the base model — before the model changes.
+    """
+    wrapped = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    base = wrapped.model
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if peft_config.get("modules_to_save"):
+        raise AdapterFileError(f"{directory}: PEFT SHiRA modules_to_save {peft_config['modules_to_save']} are not "
+                               "supported by import_peft")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(shira_weight|shira_indices)", key)
+        if m is None:
+            raise AdapterFileError(f"{weights_path}: key {key!r} is not a PEFT SHiRA tensor")
+        parts.setdefault(m.group(1), {})[m.group(2)] = value
+    if not parts:
+        raise AdapterFileError(f"{weights_path} contains no SHiRA tensors")
+    masks, values, problems = {}, {}, []
+    for path, pair in parts.items():
+        if set(pair) != {"shira_weight", "shira_indices"}:
+            raise AdapterFileError(f"{weights_path}: {path} has {sorted(pair)}, expected shira_weight and shira_indices")
+        layer = base_layer_at(base, path, problems)
+        if layer is None:
+            continue
+        if type(layer) is not nn.Linear:
+            problems.append(f"{path}: {type(layer).__name__}, PEFT SHiRA adapts nn.Linear only")
+            continue
+        idx, weight = pair["shira_indices"], pair["shira_weight"]
+        out_dim, in_dim = layer.weight.shape
+        if idx.dim() != 2 or idx.shape[0] != 2 or weight.shape != (idx.shape[1],) or idx.is_floating_point():
+            raise AdapterFileError(f"{weights_path}: {path} indices {tuple(idx.shape)} / values {tuple(weight.shape)} "
+                                   "are not (2, nnz) / (nnz,)")
+        rows, cols = idx[0].long(), idx[1].long()
+        if idx.numel() and (rows.min() < 0 or cols.min() < 0 or rows.max() >= out_dim or cols.max() >= in_dim):
+            raise AdapterFileError(f"{weights_path}: {path} indices fall outside the weight {out_dim}x{in_dim}")
+        flat = rows * in_dim + cols
+        order = torch.argsort(flat)
+        flat = flat[order]
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            raise AdapterFileError(f"{weights_path}: {path} has repeated (row, column) pairs")
+        masks[path], values[path] = flat, weight.float()[order]
+    if problems:
+        raise IncompatibleBaseModelError(f"the PEFT SHiRA adapter in {directory} does not fit this base model: "
+                                         f"{'; '.join(problems[:5])}")
+    config = ShiraConfig(
+        target_modules="(?:" + "|".join(re.escape(p) for p in masks) + ")",
+        r=int(peft_config.get("r", 32)), alpha=1.0, seed=int(peft_config.get("random_seed") or 0),
+        budget_pattern={f"^{re.escape(p)}$": int(m.numel()) for p, m in masks.items()},
+        masks=masks,
+    )
+    plan = wrapped.plan(adapter_name, config, target_names=list(masks))
+    with torch.no_grad():
+        for path, _, adapter in plan.layers:
+            adapter.sparse_values.copy_(values[path])
+    if not is_trainable:
+        wrapped.inference_only.add(adapter_name)
+    wrapped.commit(plan)
+    wrapped.set_adapter(adapter_name)
+    if not is_trainable:
+        wrapped.eval()
+    return wrapped
+
+
+__all__ = ["export_peft_shira", "import_peft_shira", "layer_scores", "mask_layers", "with_masks"]

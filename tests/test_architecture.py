@@ -1,0 +1,148 @@
+"""The package's layering, read from the source with ``ast`` (imports inside functions included).
+
+* no import cycle among ``lava_peft`` modules (the same graph as the project's stop hook:
+  ``from a import b`` names module ``a.b`` when that is a module, else ``a``);
+* nothing under ``lava_peft/methods/`` reaches (directly or through other modules) the module
+  defining ``AdaptedModel``, the trainer, the CLI or the HF PEFT interop;
+* no module is over 600 lines;
+* every registered method has rows in the shared contract matrix (``tests/test_contract.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+
+import lava_peft as lp
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lava_peft"
+MAX_LINES = 600
+ABOVE_METHODS = ("lava_peft.model", "lava_peft.train.trainer", "lava_peft.cli", "lava_peft.interop")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = Path(folder) / f
+                name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+                mods[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return mods
+
+
+def _resolve(name: str, mods: dict[str, Path]) -> str | None:
+    while name not in mods and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name if name in mods else None
+
+
+def import_graph(mods: dict[str, Path] | None = None) -> dict[str, set[str]]:
+    """``{module: modules it imports}`` over every ``import`` statement anywhere in the file."""
+    mods = _modules() if mods is None else mods
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".") if is_package else module.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                for alias in node.names:
+                    full = f"{source}.{alias.name}"
+                    targets.append(full if full in mods else source)
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            for target in targets:
+                found = _resolve(target, mods)
+                if found is not None and found != module:
+                    graph[module].add(found)
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def _path_to(graph, start: str, goal: str) -> list[str]:
+    """One import chain ``start -> ... -> goal`` (for the failure message)."""
+    parents, todo = {start: None}, [start]
+    while todo:
+        cur = todo.pop(0)
+        if cur == goal:
+            chain = []
+            while cur is not None:
+                chain.append(cur)
+                cur = parents[cur]
+            return chain[::-1]
+        for nxt in sorted(graph[cur]):
+            if nxt not in parents:
+                parents[nxt] = cur
+                todo.append(nxt)
+    return []
+
+
+def test_graph_reader_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "lava_peft"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .a import x\n")
+    (pkg / "a.py").write_text("def f():\n    from .sub import b\n    return b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("import lava_peft.a\nfrom .. import a\n")
+    mods = {"lava_peft": pkg / "__init__.py", "lava_peft.a": pkg / "a.py", "lava_peft.sub": pkg / "sub" / "__init__.py",
+            "lava_peft.sub.b": pkg / "sub" / "b.py"}
+    graph = import_graph(mods)
+    assert graph == {"lava_peft": {"lava_peft.a"}, "lava_peft.a": {"lava_peft.sub.b"}, "lava_peft.sub": set(),
+                     "lava_peft.sub.b": {"lava_peft.a"}}
+    assert "lava_peft.a" in reachable(graph, "lava_peft.a")  # a -> sub.b -> a is a cycle
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cyclic = sorted(m for m in graph if m in reachable(graph, m))
+    assert not cyclic, "import cycles through " + ", ".join(
+        f"{m} ({' -> '.join(_path_to(graph, m, m) or [m])})" for m in cyclic[:3])
+
+
+def test_methods_stay_below_the_model():
+    graph = import_graph()
+    for module in graph:
+        if module == "lava_peft.methods" or module.startswith("lava_peft.methods."):
+            bad = sorted(set(ABOVE_METHODS) & reachable(graph, module))
+            assert not bad, f"{module} reaches {bad}: " + " -> ".join(_path_to(graph, module, bad[0]))
+
+
+def test_protocol_layer_is_the_bottom():
+    """The protocol (config, errors, methods/base, methods/factors) imports no other lava_peft layer."""
+    graph = import_graph()
+    allowed = {"lava_peft.config", "lava_peft.errors", "lava_peft.fused_linear", "lava_peft.methods.base",
+               "lava_peft.methods.factors"}
+    for module in ("lava_peft.config", "lava_peft.errors", "lava_peft.methods.base", "lava_peft.methods.factors"):
+        assert reachable(graph, module) <= allowed, (module, sorted(reachable(graph, module) - allowed))
+
+
+def test_no_module_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_every_registered_method_has_contract_rows():
+    spec = importlib.util.spec_from_file_location("contract_matrix", ROOT / "tests" / "test_contract.py")
+    contract = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(contract)
+    covered = {make().method for make in contract.CONFIGS.values()}
+    missing = sorted(set(lp.registered_methods()) - covered)
+    assert not missing, f"registered methods without rows in tests/test_contract.py: {missing}"
