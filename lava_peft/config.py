@@ -112,10 +112,22 @@ class AdapterConfig:
     #: (``fn(model, directory, peft_config, tensors, adapter_name, is_trainable)``)
     peft_type: ClassVar[str | None] = None
     peft_import: ClassVar[str | None] = None
-    #: ``"module:function"`` turning `lava train` options into a config (``fn(opts, targets, task)``),
-    #: and the default learning rate of `lava train` for this method
-    cli_config: ClassVar[str | None] = None
+    #: `lava train --method <name>`: the method is offered when ``cli_help`` is set; ``cli_options`` are
+    #: its own options (name -> (default, type, help)); ``cli_notes`` add to the help of shared options
+    #: (e.g. ``{"rank": "the largest rank"}``); ``cli_default_lr`` is its default learning rate;
+    #: ``cli_prepare`` names a ``"module:function"`` ``fn(config, opts, task) -> config`` that finishes
+    #: a config built by :meth:`from_cli` with the model and data (masks, a training phase)
+    cli_help: ClassVar[str | None] = None
+    cli_options: ClassVar[dict[str, tuple]] = {}
+    cli_notes: ClassVar[dict[str, str]] = {}
     cli_default_lr: ClassVar[float] = 1e-3
+    cli_prepare: ClassVar[str | None] = None
+
+    @classmethod
+    def from_cli(cls, opts: dict[str, Any], common: dict[str, Any]) -> "AdapterConfig":
+        """The config `lava train` builds from its options; ``common`` holds ``r``, ``alpha``,
+        ``target_modules`` and ``modules_to_save``."""
+        return cls(**common)
 
     target_modules: Any = None
     exclude_modules: Any = None

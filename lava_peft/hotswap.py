@@ -36,33 +36,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import torch
 
 from .methods.factors import Factors, _CODECS, method_of, to_native
-from .config import adapter_class, config_from_payload
+from .adapter_files import read_adapter_dir, read_adapter_tensors, split_saved_key
+from .config import adapter_class
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError, LavaError
 from .inject import adapted_layers, saved_module_wrappers
-from .io import CONFIG_NAME, WEIGHTS_NAME, check_tensors_match, read_json, read_safetensors
+from .io import check_tensors_match
 from .layers import AdaptedLayer, layer_ops
 
 
-def _saved_marker() -> str:
-    from .model import SAVED_MARKER
-
-    return SAVED_MARKER
-
-
-def read_adapter_dir(model, model_id: str) -> tuple:
+def load_off_model(model, model_id: str) -> tuple:
     """``(config, {path: adapter module}, tensors)`` for a saved adapter, built off-model and checked."""
-    directory = Path(model_id)
-    if not directory.is_dir():
-        raise AdapterFileError(f"adapter directory {directory} does not exist")
-    payload = read_json(directory / CONFIG_NAME)
-    config = config_from_payload(payload, str(directory / CONFIG_NAME))
-    paths = model._check_fingerprint(payload.get("base_model_fingerprint"), str(directory))
-    tensors = read_safetensors(directory / WEIGHTS_NAME)
+    files = read_adapter_dir(model_id, load_tensors=False)
+    config, directory = files.config, files.directory
+    paths = model._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+    tensors = read_adapter_tensors(directory)
     cls = adapter_class(config.method)
     adapters = {}
     for path in paths:
@@ -70,11 +61,10 @@ def read_adapter_dir(model, model_id: str) -> tuple:
         base = found.base_layer if isinstance(found, AdaptedLayer) else found
         spec = layer_ops(base).spec(base)
         cls.check_layer(spec, config, path)
-        adapters[path] = cls(spec, config, path)
+        adapters[path] = cls.for_layer(spec, config, path)
     expected = {f"{p}.{k}": v for p, a in adapters.items() for k, v in a.state_dict().items()}
-    marker = _saved_marker()
-    layer_keys = {k for k in tensors if f".{marker}." not in k}
-    check_tensors_match(expected, tensors, directory / WEIGHTS_NAME, keys=layer_keys)
+    layer_keys = {k for k in tensors if split_saved_key(k) is None}
+    check_tensors_match(expected, tensors, files.weights_path, keys=layer_keys)
     with torch.no_grad():
         for p, a in adapters.items():
             a.load_state_dict({k: tensors[f"{p}.{k}"] for k in a.state_dict()})
@@ -92,7 +82,7 @@ def hotswap_adapter(model, model_id: str, adapter_name: str = "default") -> None
     model.check_known(adapter_name)
     if adapter_name in model.merged_adapters:
         raise LavaError(f"adapter {adapter_name!r} is merged; call model.unmerge_adapter() before hot-swapping it")
-    config, new_adapters, tensors = read_adapter_dir(model, model_id)
+    config, new_adapters, tensors = load_off_model(model, model_id)
     layers = {path: layer for path, layer in adapted_layers(model.model) if adapter_name in layer.adapters}
     extra = sorted(set(new_adapters) - set(layers))
     if extra:
@@ -175,11 +165,11 @@ def _load_in_place(adapter, state: dict[str, torch.Tensor]) -> None:
 
 
 def _plan_saved_writes(model, adapter_name, tensors, model_id):
-    marker = _saved_marker()
     saved_in_file = {}
     for key, value in tensors.items():
-        if f".{marker}." in key:
-            module, _, param = key.partition(f".{marker}.")
+        saved = split_saved_key(key)
+        if saved is not None:
+            module, param = saved
             saved_in_file.setdefault(module, {})[param] = value
     wrappers = dict(saved_module_wrappers(model.model))
     orphan = sorted(m for m in saved_in_file if m not in wrappers or adapter_name not in wrappers[m].copies)
@@ -235,7 +225,7 @@ def prepare_model_for_compiled_hotswap(model, target_rank: int, adapter_name: st
     replacements = []
     for path, layer in layers:
         old = layer.adapters[name]
-        new = cls(layer.spec, new_cfg, path)
+        new = cls.for_layer(layer.spec, new_cfg, path)
         with torch.no_grad():
             codec.write(new, codec.read(old).padded(ranks[path]))
         weight = layer.base_weight

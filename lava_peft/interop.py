@@ -52,7 +52,7 @@ from .methods.factors import _CODECS
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
 from .inject import adapted_layers, saved_module_wrappers
 from .peft_common import PREFIX, base_layer_at  # noqa: F401  (base_layer_at: re-exported)
-from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from .adapter_files import WEIGHTS_NAME, read_adapter_dir, read_adapter_tensors, write_adapter_dir
 from .layers import ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
 
 
@@ -188,8 +188,7 @@ def export_peft(
         raise AdapterFileError(f"{out} exists and is not a directory; choose another save_directory")
     cpu = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
            for k, v in tensors.items()}
-    atomic_save_safetensors(cpu, out / WEIGHTS_NAME, {"format": "pt"})
-    atomic_write_json(out / CONFIG_NAME, peft_config)
+    write_adapter_dir(out, peft_config, cpu, {"format": "pt"})
 
 
 def _check_conv_exportable(path: str, conv: nn.Module) -> None:
@@ -222,15 +221,13 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     from .methods.lora import LoraConfig
     from .model import AdaptedModel
 
-    directory = Path(model_id)
-    if not directory.is_dir():
-        raise AdapterFileError(f"PEFT adapter directory {directory} does not exist")
-    cfg = read_json(directory / CONFIG_NAME)
+    files = read_adapter_dir(model_id, kind="PEFT adapter", parse_config=False, load_tensors=False)
+    directory, cfg = files.directory, files.payload
     importer = _peft_importer(cfg.get("peft_type"))
     if importer is not None:
-        if not (directory / WEIGHTS_NAME).is_file():
+        if not files.weights_path.is_file():
             raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME} (lava-peft never loads pickle weights)")
-        return importer(model, directory, cfg, read_safetensors(directory / WEIGHTS_NAME), adapter_name, is_trainable)
+        return importer(model, directory, cfg, read_adapter_tensors(directory), adapter_name, is_trainable)
     if cfg.get("peft_type") != "LORA":
         known = ["LORA", *sorted(t for t, _ in _peft_imports())]
         raise AdapterFileError(f"{directory} holds a PEFT {cfg.get('peft_type')!r} adapter; only "
@@ -243,14 +240,14 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         bad.append(f"init_lora_weights={init!r} (changes the base weights)")
     if bad:
         raise AdapterFileError(f"{directory}: PEFT LoRA features {bad} are not supported by import_peft")
-    weights_path = directory / WEIGHTS_NAME
+    weights_path = files.weights_path
     if not weights_path.is_file():
         if (directory / "adapter_model.bin").is_file():
             raise AdapterFileError(
                 f"{directory} has only adapter_model.bin (a pickle), which lava-peft never loads; re-save it with "
                 "PEFT's save_pretrained(safe_serialization=True)"
             )
-    tensors = read_safetensors(weights_path)
+    tensors = read_adapter_tensors(directory)
 
     wrapped = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     base = wrapped.model

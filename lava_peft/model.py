@@ -17,7 +17,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .config import FORMAT_VERSION, AdapterConfig, adapter_class, config_from_payload
+from .adapter_files import (  # noqa: F401  (SAVED_MARKER: re-exported)
+    SAVED_MARKER,
+    adapter_metadata,
+    adapter_payload,
+    read_adapter_dir,
+    read_adapter_tensors,
+    saved_key,
+    write_adapter_dir,
+)
+from .config import AdapterConfig, adapter_class
 from .errors import AdapterFileError, AdapterNameError, IncompatibleBaseModelError, LavaError
 from .inject import (
     adapted_layers,
@@ -26,20 +35,9 @@ from .inject import (
     saved_module_wrappers,
     set_submodule,
 )
-from .io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_save_safetensors,
-    atomic_write_json,
-    check_tensors_match,
-    fingerprint,
-    read_json,
-    read_safetensors,
-)
+from .io import check_tensors_match, fingerprint
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 
-SAVED_MARKER = "__saved__"
-"""Key infix of ``modules_to_save`` tensors: ``<module>.__saved__.<param>``."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -187,7 +185,7 @@ class AdaptedModel(nn.Module):
             base = found.base_layer if isinstance(found, AdaptedLayer) else found
             spec = layer_ops(base).spec(base)
             adapter_cls.check_layer(spec, config, path)
-            adapter = adapter_cls(spec, config, path)
+            adapter = adapter_cls.for_layer(spec, config, path)
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -414,6 +412,28 @@ class AdaptedModel(nn.Module):
             return torch.zeros((), device=device)
         return total
 
+    # ================================================================= sampler state
+    def _step_clocks(self) -> dict:
+        clocks = {}
+        for name in self.peft_config:
+            clock = next((c for _, a in self.adapter_layers(name) if (c := a.step_clock()) is not None), None)
+            if clock is not None:
+                clocks[name] = clock
+        return clocks
+
+    def sampler_state(self) -> dict[str, int]:
+        """``{adapter name: the training step its next draw belongs to}`` for adapters whose layers share a
+        sampler (DyLoRA ranks, MoSA modules); training checkpoints save it so that a resumed run draws
+        exactly what the uninterrupted run would."""
+        return {name: clock.next_step() for name, clock in self._step_clocks().items()}
+
+    def load_sampler_state(self, state: dict[str, int]) -> None:
+        """Restore :meth:`sampler_state` (adapters not in ``state`` are left alone)."""
+        clocks = self._step_clocks()
+        for name, step in state.items():
+            if name in clocks:
+                clocks[name].resume_at(step)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
@@ -439,7 +459,7 @@ class AdaptedModel(nn.Module):
         for path, wrapper in saved_module_wrappers(self.model):
             if name in wrapper.copies:
                 for key, value in wrapper.copies[name].state_dict().items():
-                    state[f"{path}.{SAVED_MARKER}.{key}"] = _full(value)
+                    state[saved_key(path, key)] = _full(value)
         return state
 
     def base_fingerprint(self, adapter_name: str | None = None) -> dict:
@@ -462,8 +482,6 @@ class AdaptedModel(nn.Module):
         (``is_main_process``; default: rank 0 when ``torch.distributed`` is initialized).
         Every rank takes part in gathering FSDP-sharded adapters.
         """
-        from ._version import __version__
-
         if is_main_process is None:
             dist = torch.distributed
             is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -478,19 +496,10 @@ class AdaptedModel(nn.Module):
             if directory.exists() and not directory.is_dir():
                 raise AdapterFileError(f"{directory} exists and is not a directory; choose another save_directory")
             config = self.peft_config[name]
-            payload = {
-                "library": "lava-peft",
-                "library_version": __version__,
-                "format_version": FORMAT_VERSION,
-                "method": config.method,
-                "config": config.to_dict(),
-                "base_model_fingerprint": self.base_fingerprint(name),
-            }
-            metadata = {"format": "pt", "library": "lava-peft", "format_version": str(FORMAT_VERSION), "method": config.method}
+            payload = adapter_payload(config, self.base_fingerprint(name))
             state = self.adapter_state_dict(name)  # on every rank: gathering sharded tensors is collective
             if is_main_process:
-                atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata)
-                atomic_write_json(directory / CONFIG_NAME, payload)
+                write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
     def _check_fingerprint(self, fp: dict, source: str) -> list[str]:
         modules = fp.get("modules") if isinstance(fp, dict) else None
@@ -518,14 +527,11 @@ class AdaptedModel(nn.Module):
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it)."""
-        directory = Path(model_id)
-        if not directory.is_dir():
-            raise AdapterFileError(f"adapter directory {directory} does not exist")
-        payload = read_json(directory / CONFIG_NAME)
-        config = config_from_payload(payload, str(directory / CONFIG_NAME))
+        files = read_adapter_dir(model_id, load_tensors=False)
+        directory, config = files.directory, files.config
         self._check_new_name(adapter_name)
-        target_names = self._check_fingerprint(payload.get("base_model_fingerprint"), str(directory))
-        tensors = read_safetensors(directory / WEIGHTS_NAME)
+        target_names = self._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+        tensors = read_adapter_tensors(directory)
         plan = self.plan(adapter_name, config, target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
         for path, _, adapter in plan.layers:
@@ -534,8 +540,8 @@ class AdaptedModel(nn.Module):
         for path, found in plan.saved:
             source = found.original_module if isinstance(found, SavedModuleWrapper) else found
             for key, value in source.state_dict().items():
-                expected[f"{path}.{SAVED_MARKER}.{key}"] = value
-        check_tensors_match(expected, tensors, directory / WEIGHTS_NAME)
+                expected[saved_key(path, key)] = value
+        check_tensors_match(expected, tensors, files.weights_path)
         with torch.no_grad():
             for path, _, adapter in plan.layers:
                 adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
@@ -558,7 +564,7 @@ class AdaptedModel(nn.Module):
         for path, wrapper in saved_module_wrappers(self.model):
             if adapter_name in wrapper.copies:
                 copy = wrapper.copies[adapter_name]
-                copy.load_state_dict({k: tensors[f"{path}.{SAVED_MARKER}.{k}"] for k in copy.state_dict()})
+                copy.load_state_dict({k: tensors[saved_key(path, k)] for k in copy.state_dict()})
 
     @classmethod
     def from_pretrained(

@@ -146,3 +146,39 @@ def test_every_registered_method_has_contract_rows():
     covered = {make().method for make in contract.CONFIGS.values()}
     missing = sorted(set(lp.registered_methods()) - covered)
     assert not missing, f"registered methods without rows in tests/test_contract.py: {missing}"
+
+
+def _method_constants(path: Path, names: set[str], compared_only: bool = False) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree)
+    if compared_only:  # only names a comparison (``== "x"``, ``in ("x", ...)``) uses: a switch on the method
+        nodes = (c for n in ast.walk(tree) if isinstance(n, ast.Compare) for side in [n.left, *n.comparators]
+                 for c in ast.walk(side))
+    return sorted({(n.lineno, n.value) for n in nodes if isinstance(n, ast.Constant) and n.value in names})
+
+
+def test_generic_layers_name_no_method():
+    """The layers, the model, files, interop and the CLI dispatch through the registry, never on a method name."""
+    names = set(lp.registered_methods())
+    generic = ["model.py", "layers.py", "inject.py", "interop.py", "hotswap.py", "diagnostics.py", "adapter_files.py",
+               "commands/evaluate.py", "commands/inspect.py"]
+    found = {f: hits for f in generic if (hits := _method_constants(PACKAGE / f, names))}
+    found.update({f: hits for f in ["cli.py", "commands/train.py"]
+                  if (hits := _method_constants(PACKAGE / f, names, compared_only=True))})
+    assert not found, f"method names outside the registry: {found}"
+
+
+def test_registry_hooks_cover_the_cli_and_peft():
+    """Every `lava train` method builds its config through its own hooks; PEFT hooks name real functions."""
+    from lava_peft.config import config_class, method_hook
+    from lava_peft.commands.train import adapter_methods, train_options
+
+    assert set(adapter_methods()) == {"dylora", "lava", "lora", "lowbit", "mosa", "shira", "sft"}
+    options = train_options()
+    for method in adapter_methods():
+        cls = config_class(method)
+        assert set(cls.cli_options) <= set(options)
+        for hook in (cls.cli_prepare, cls.peft_export, cls.peft_import):
+            if hook is not None:
+                assert callable(method_hook(hook)), (method, hook)
+    assert config_class("shira").peft_type == "SHIRA" and config_class("sft").peft_type is None

@@ -171,3 +171,40 @@ def test_check_layer_uses_the_plain_method_of_the_factorization(cls):
     lp.adapt(copy.deepcopy(base), cls(r=5, target_modules=["0"], factorization="lava"))
     with pytest.raises(lp.LavaConfigError, match="LAVA rank r=28"):
         lp.adapt(copy.deepcopy(base), cls(r=28, target_modules=["0"], factorization="lava"))
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_registered_class_is_built_through_for_layer(cls):
+    """The variant is chosen by the explicit ``for_layer`` hook; constructing the registered class is refused."""
+    from lava_peft.methods.base import LayerSpec
+
+    spec, registered = LayerSpec("linear", 5, 6), adapter_class(cls.method)
+    for factorization in ("lora", "lava"):
+        config = cls(**BASE, factorization=factorization)
+        assert type(registered.for_layer(spec, config, "0")) is registered.variants[factorization]
+        with pytest.raises(lp.LavaError, match="for_layer"):
+            registered(spec, config, "0")
+
+
+@pytest.mark.parametrize("cls", [DyLoraConfig, MosaConfig])
+def test_sampler_state_is_the_models(cls):
+    """``AdaptedModel.sampler_state`` counts training forwards (the step of the next draw) and restores it;
+    the checkpoint helpers read and write exactly that."""
+    torch.manual_seed(0)
+    model = lp.adapt(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), cls(r=2, alpha=4.0, target_modules=["0", "1"]))
+    model.train()
+    assert model.sampler_state() == {"default": 0}
+    x = torch.randn(3, 6)
+    for _ in range(3):
+        model(x)
+    assert model.sampler_state() == {"default": 3} == fz.sampler_clocks(model)
+    clock = model.adapter_layers()[0][1].step_clock()
+    assert all(a.step_clock() is clock for _, a in model.adapter_layers())
+    fz.set_sampler_clocks(model, {"default": 7, "absent": 1})
+    assert model.sampler_state() == {"default": 7} and clock.step == 7
+    model.load_sampler_state({"default": 2})
+    model(x)
+    assert model.sampler_state() == {"default": 3}
+    assert fz.sampler_clocks(nn.Linear(2, 2)) == {}
+    plain = lp.adapt(nn.Sequential(nn.Linear(6, 5)), lp.LoraConfig(r=2, target_modules=["0"]))
+    assert plain.sampler_state() == {}

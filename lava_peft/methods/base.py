@@ -106,6 +106,12 @@ class DeltaAdapter(nn.Module):
         """``Σ`` of the regularization terms of the given factors of many layers (see above)."""
         return None
 
+    def step_clock(self):
+        """The training-step clock (a :class:`~lava_peft.methods.factorized.StepCounter`) this adapter shares
+        with the other layers of its adapter name — the samplers of DyLoRA and MoSA — or ``None``.
+        :meth:`~lava_peft.AdaptedModel.sampler_state` reads it for checkpoints."""
+        return None
+
     def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(flat indices, values)`` with ``ΔW.reshape(-1)[indices] = values`` (canonical layout, scale
         folded in) for a sparse increment, or ``None``: merges then scatter-add instead of adding ``ΔW``."""
@@ -132,6 +138,12 @@ class DeltaAdapter(nn.Module):
 
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
+
+    @classmethod
+    def for_layer(cls, spec: LayerSpec, config, module_name: str) -> "DeltaAdapter":
+        """The adapter of this method for one layer (what the model builds); a method whose config picks
+        one of several classes (e.g. the LoRA or LAVA variant of DyLoRA) overrides it."""
+        return cls(spec, config, module_name)
 
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:

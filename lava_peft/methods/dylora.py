@@ -20,8 +20,8 @@ components ``< j`` only: the information is ordered, and after training any pref
   orthogonality term, which acts on the active components ``U[:, :b]``.
 
 Outside training (``model.eval()``) the rank is fixed: ``r`` by default, any ``b`` by
-:func:`set_rank` (recorded as ``eval_rank`` in the config, so it is saved).  Merging,
-:meth:`DyLoraAdapter.delta_weight` and export use that rank; :func:`truncate_to_rank`
+:func:`~lava_peft.tools.dylora.set_rank` (recorded as ``eval_rank`` in the config, so it is saved).  Merging,
+:meth:`DyLoraAdapter.delta_weight` and export use that rank; :func:`~lava_peft.tools.dylora.truncate_to_rank`
 turns the adapter at rank ``b`` into a plain ``"lora"`` / ``"lava"`` adapter with the same
 output (factors ``U[:, :b]``, ``V[:b]``, ``P_k[:b]``, ``r = b``, same ``alpha``: its scale
 ``α/b`` is the DyLoRA scale at ``b``), which saves, merges, loads in a plain lava-peft
@@ -37,7 +37,7 @@ layers different ranks).  ``step`` counts forward passes and advances by itself
 the current step draws again), so the draws are reproducible from ``seed`` alone.
 Re-computation under activation checkpointing (inside the backward pass) reuses the rank
 of the forward instead of drawing.  ``sampler.step`` is not in the adapter file; the Trainer's
-checkpoints keep it (``sampler_clocks``), elsewhere set it on :func:`rank_sampler` after loading.
+checkpoints keep it (``sampler_clocks``), elsewhere set it on :func:`~lava_peft.tools.dylora.rank_sampler` after loading.
 
 Within one layer call the rank is drawn once, at the layer's first question to the
 adapter (``uses_weight_path_for``, or ``forward``/``linear_factors`` for a mixed batch),
@@ -79,7 +79,7 @@ class DyLoraConfig(FactorizedConfig):
             (one ``b`` per forward pass for every layer).
         seed: seed of the rank draws.
         eval_rank: the rank used outside training (merge, eval, ``delta_weight``); ``None``: ``r``.
-            :func:`set_rank` sets it.
+            :func:`~lava_peft.tools.dylora.set_rank` sets it.
         init: ``"lora"``: ``"default"`` / ``"gaussian"`` (as :class:`LoraConfig`); ``"lava"``:
             ``"orthogonal"`` / ``"lora"`` (as :class:`LavaConfig`).  ``None``: the method's default.
         orth_lambda, orth_factors, spatial_init, conv_path: as in :class:`LavaConfig`; only for
@@ -88,6 +88,18 @@ class DyLoraConfig(FactorizedConfig):
     With ``factorization="lava"`` the options left ``None`` are set to LAVA's defaults (and
     ``init`` to the factorization's default), so a saved config names them.
     """
+
+    cli_help: ClassVar[str | None] = "DyLoRA on LAVA factors: every rank in [r_min, r] trained at once"
+    cli_options: ClassVar[dict[str, tuple]] = {
+        "r_min": (1, int, "dylora: the smallest rank trained"),
+        "orth_lambda": LavaConfig.cli_options["orth_lambda"],
+    }
+    cli_notes: ClassVar[dict[str, str]] = {"rank": "the largest rank"}
+
+    @classmethod
+    def from_cli(cls, opts, common):
+        return cls(r_min=opts["r_min"], factorization="lava", orth_lambda=opts["orth_lambda"], seed=opts["seed"],
+                   **common)
 
     peft_export_refusal: ClassVar[str | None] = (
         "adapter {name!r} is a DyLoRA adapter (every rank at once); HF PEFT has no DyLoRA. Export it at one "
@@ -208,6 +220,9 @@ class DyLoraAdapter(FactorizedAdapter):
         self._armed: int | None = None  # rank drawn for the layer call in progress, not yet used
         self._sampler = shared_per_config(config, RankSampler, config.seed, config.r_min, config.rank_sampling)
         self._index = self._sampler.register(self.r)
+
+    def step_clock(self) -> RankSampler:
+        return self._sampler
 
     # -- ranks -------------------------------------------------------------------
     def scale_at(self, b: int) -> float:

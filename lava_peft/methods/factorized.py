@@ -8,10 +8,10 @@ parts that do not depend on that change live here:
   checks, :meth:`~FactorizedConfig.plain_config` (the matching :class:`LoraConfig` /
   :class:`LavaConfig`) and the regularizer weight;
 * :class:`FactorizedAdapter` and :func:`register_factorized` — the registered adapter class
-  whose construction gives its LoRA- or LAVA-based variant, and factor access by key;
+  whose ``for_layer`` builds its LoRA- or LAVA-based variant, and factor access by key;
 * :class:`StepCounter`, :func:`shared_per_config`, :func:`in_backward` — the training-step
-  clock of a sampler shared by the layers of one adapter name;
-* :func:`adapter_of_method` — the layers of a model's adapter of a given method.
+  clock of a sampler shared by the layers of one adapter name (the adapters return it from
+  ``step_clock()``; :meth:`~lava_peft.AdaptedModel.sampler_state` saves it in checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, register_method
-from ..errors import LavaConfigError
+from ..errors import LavaConfigError, LavaError
 from .base import DeltaAdapter
 from .lava import LavaAdapter, LavaConfig
 from .lora import LoraAdapter, LoraConfig
@@ -116,7 +116,7 @@ def factor_parameter(adapter: nn.Module, key: str) -> nn.Parameter:
 class FactorizedAdapter(DeltaAdapter):
     """Base of the registered adapter class of a method on LoRA / LAVA factors.
 
-    Constructing the registered class (see :func:`register_factorized`) gives its variant
+    :meth:`for_layer` on the registered class (see :func:`register_factorized`) builds its variant
     for ``config.factorization``: a subclass of it and of :class:`LoraAdapter` /
     :class:`LavaAdapter`, whose parameters, init, file keys and rank checks are the plain
     method's.  A variant gets :attr:`plain_method`, :attr:`plain_class` and the keys of its
@@ -134,10 +134,21 @@ class FactorizedAdapter(DeltaAdapter):
             if issubclass(cls, plain):
                 cls.plain_method, cls.plain_class, cls._UP, cls._DOWN = method, plain, up, down
 
-    def __new__(cls, spec=None, config=None, module_name=None):
-        if "variants" in cls.__dict__:  # (copy/deepcopy call __new__ of a variant without arguments)
+    @classmethod
+    def for_layer(cls, spec, config, module_name: str) -> "FactorizedAdapter":
+        """The variant of the registered class for ``config.factorization`` (the explicit dispatch hook)."""
+        if "variants" in cls.__dict__:
             cls = cls.variants[config.factorization]
-        return super().__new__(cls)
+        return cls(spec, config, module_name)
+
+    def __init__(self, spec, config, module_name: str):
+        if "variants" in type(self).__dict__:
+            raise LavaError(
+                f"{type(self).__name__} is the registered class of a method on LoRA/LAVA factors; build a layer's "
+                f"adapter with {type(self).__name__}.for_layer(spec, config, name), which picks the variant of "
+                "config.factorization"
+            )
+        super().__init__(spec, config, module_name)
 
     @classmethod
     def check_layer(cls, spec, config, module_name: str) -> None:
@@ -155,7 +166,7 @@ class FactorizedAdapter(DeltaAdapter):
 
 def register_factorized(name: str, config_cls: type[FactorizedConfig], adapter_cls: type[FactorizedAdapter],
                         lora: type[FactorizedAdapter], lava: type[FactorizedAdapter]) -> None:
-    """Register method ``name``; constructing ``adapter_cls`` gives ``lora`` or ``lava`` by ``config.factorization``."""
+    """Register method ``name``; ``adapter_cls.for_layer`` builds ``lora`` or ``lava`` by ``config.factorization``."""
     adapter_cls.variants = {"lora": lora, "lava": lava}
     register_method(name, config_cls, adapter_cls)
 
@@ -181,6 +192,15 @@ class StepCounter:
         self._n_layers += 1
         return self._n_layers - 1
 
+    def next_step(self) -> int:
+        """The step the next training draw belongs to (what a checkpoint keeps)."""
+        return self.step + (1 if self._drawn else 0)
+
+    def resume_at(self, step: int) -> None:
+        """Continue so that the next training draw belongs to ``step`` (a checkpoint's :meth:`next_step`)."""
+        self.step = int(step)
+        self._drawn.clear()
+
     def tick(self, layer: int) -> int:
         """Layer ``layer`` draws now; returns the step the draw belongs to."""
         if layer in self._drawn:
@@ -203,25 +223,18 @@ def shared_per_config(config: AdapterConfig, cls: type[T], *args: Any) -> T:
 
 def sampler_clocks(model: nn.Module) -> dict[str, int]:
     """``{adapter name: the step its next training forward draws at}`` for adapters with a shared
-    sampler (DyLoRA, MoSA) — what a training checkpoint must keep so that a resumed run draws
-    exactly the ranks/modules the uninterrupted run would."""
-    clocks = {}
-    for name, config in getattr(model, "peft_config", {}).items():
-        held = config.__dict__.get("_shared_runtime")
-        if held is not None and isinstance(held[1], StepCounter):
-            counter = held[1]
-            clocks[name] = counter.step + (1 if counter._drawn else 0)
-    return clocks
+    sampler (DyLoRA, MoSA): :meth:`~lava_peft.AdaptedModel.sampler_state` of an adapted model, ``{}``
+    for any other module (what a training checkpoint keeps so that a resumed run draws exactly the
+    ranks/modules the uninterrupted run would)."""
+    state = getattr(model, "sampler_state", None)
+    return state() if callable(state) else {}
 
 
 def set_sampler_clocks(model: nn.Module, clocks: dict[str, int]) -> None:
     """Restore :func:`sampler_clocks` (adapters not in ``clocks`` are left alone)."""
-    configs = getattr(model, "peft_config", {})
-    for name, step in clocks.items():
-        held = configs[name].__dict__.get("_shared_runtime") if name in configs else None
-        if held is not None and isinstance(held[1], StepCounter):
-            held[1].step = int(step)
-            held[1]._drawn.clear()
+    load = getattr(model, "load_sampler_state", None)
+    if callable(load):
+        load(clocks)
 
 
 def in_backward() -> bool:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -55,6 +56,15 @@ class LavaConfig(AdapterConfig):
     shape, whichever the cost model in :func:`~lava_peft.methods.cp_conv.choose_conv_path`
     estimates cheaper.  It does not change results beyond floating-point rounding.
     """
+
+    cli_help: ClassVar[str | None] = "LAVA: rank-1 components (CP on conv kernels) with an orthogonality regularizer"
+    cli_options: ClassVar[dict[str, tuple]] = {
+        "orth_lambda": (0.1, float, "LAVA orthogonality regularizer weight (0 disables it)"),
+    }
+
+    @classmethod
+    def from_cli(cls, opts, common):
+        return cls(orth_lambda=opts["orth_lambda"], **common)
 
     orth_lambda: float = 0.1
     orth_factors: str | None = None

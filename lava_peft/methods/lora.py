@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from .base import DeltaAdapter, lowrank_factors, lowrank_forward
 @dataclass
 class LoraConfig(AdapterConfig):
     """LoRA. ``init="default"``: ``A`` Kaiming-uniform, ``B = 0`` (Embedding: ``A = 0``, ``B`` Gaussian)."""
+
+    cli_help: ClassVar[str | None] = "LoRA (flattened kernels on convs)"
 
     init: str = "default"
 

@@ -39,6 +39,7 @@ holds a copy of the dequantized value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -73,6 +74,13 @@ class LowBitConfig(FactorizedConfig):
             quantized factors (gradient by the straight-through estimator).  With
             ``factorization="lora"`` only ``orth_lambda`` is checked (the others are ignored).
     """
+
+    cli_help: ClassVar[str | None] = "low-bit LoRA: fake-quantized factors, bit-packed in the file"
+    cli_options: ClassVar[dict[str, tuple]] = {"bits": (1, int, "lowbit: bits per adapter weight (1..8)")}
+
+    @classmethod
+    def from_cli(cls, opts, common):
+        return cls(bits=opts["bits"], **common)
 
     factor_init_field = "factor_init"
     lava_only = ("orth_lambda",)

@@ -35,7 +35,7 @@ all ``N^|S|`` combinations of one part per factor instead.  Outside training
 (``model.eval()``), and always for :meth:`~MosaAdapter.delta_weight`, merging, saving and
 ``regularization()``, a MoSA adapter *is* the plain adapter: the same code path on the same
 tensors, so its outputs are bit-identical to the plain adapter and inference costs nothing
-extra.  :func:`merge_modules` turns it into a plain ``"lora"`` / ``"lava"`` adapter (e.g. for
+extra.  :func:`~lava_peft.tools.mosa.merge_modules` turns it into a plain ``"lora"`` / ``"lava"`` adapter (e.g. for
 :func:`lava_peft.interop.export_peft`).
 
 **Controller.**  The adapters built from one config object (one ``add_adapter`` call, i.e.
@@ -51,7 +51,7 @@ itself (:class:`~.factorized.StepCounter`: a new step begins when a layer that a
 drew in the current step draws again).  A layer draws exactly once per call, when it
 computes its training contribution (``linear_factors()`` for the fused Linear node, else
 ``forward()``); evaluation forwards draw nothing.  Activation-checkpoint recomputation
-(inside the backward pass) reuses the layer's latest module.  :func:`set_module` fixes one
+(inside the backward pass) reuses the layer's latest module.  :func:`~lava_peft.tools.mosa.set_module` fixes one
 module for every layer (for inspection and tests); the consistency objective asks for a
 second forward whose module differs from the first one in every layer (``avoid``:
 ``k' = (k + 1 + o) mod N`` with ``o = randint(N − 1)`` from the same seeded generator,
@@ -119,6 +119,15 @@ class MosaConfig(FactorizedConfig):
         orth_lambda, orth_factors, spatial_init, conv_path: LAVA's options (``factorization="lava"``
             only; ``None`` means LAVA's default).  ``orth_lambda`` defaults to 0 here.
     """
+
+    cli_help: ClassVar[str | None] = "MoSA: LoRA factors split into sparse modules drawn per step"
+    cli_options: ClassVar[dict[str, tuple]] = {
+        "n_modules": (4, int, "mosa: number of sparse modules the adapter is split into"),
+    }
+
+    @classmethod
+    def from_cli(cls, opts, common):
+        return cls(n_modules=opts["n_modules"], seed=opts["seed"], **common)
 
     peft_export_refusal: ClassVar[str | None] = (
         "adapter {name!r} is a MoSA adapter (split into sparse modules while training); merge its modules "
@@ -190,7 +199,7 @@ class ModuleSampler(StepCounter):
     ``module(t, ℓ)`` is a pure function of ``(seed, t, ℓ)`` (module docstring); ``draw(ℓ)``
     is what a layer calls once per training forward: it advances :attr:`step` when layer
     ``ℓ`` already drew in the current step.  Precedence: :attr:`avoid` (a module per layer
-    that this forward must differ from), then :attr:`fixed` (:func:`set_module`), then the draw.
+    that this forward must differ from), then :attr:`fixed` (:func:`~lava_peft.tools.mosa.set_module`), then the draw.
 
     Attributes:
         step: the index of the current training forward (set it to resume a run exactly).
@@ -258,6 +267,9 @@ class MosaAdapter(FactorizedAdapter):
         self.last_module: int | None = None
         self._sampler = shared_per_config(config, ModuleSampler, config.seed, config.n_modules, config.module_sampling)
         self._index = self._sampler.register()
+
+    def step_clock(self) -> ModuleSampler:
+        return self._sampler
 
     # -- factors -------------------------------------------------------------------
     @staticmethod

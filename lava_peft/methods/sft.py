@@ -4,10 +4,10 @@ A sparse fine-tuning (SFT) changes ``K`` chosen entries of the pretrained weight
 
     θ = θ0 + φ,      supp(φ) ⊆ M,      |M| = K
 
-The lottery ticket ``M`` is found by training (:func:`lottery_ticket_masks`):
+The lottery ticket ``M`` is found by training (:func:`~lava_peft.tools.sft.lottery_ticket_masks`):
 
 1. **phase 1** — fine-tune the targeted weights densely, ``θ0 → θ1`` (a user
-   ``train_fn(model)``, or our Trainer through :func:`trainer_phase`);
+   ``train_fn(model)``, or our Trainer through :func:`~lava_peft.tools.sft.trainer_phase`);
 2. **selection** — ``M`` = the entries with the largest ``|θ1 − θ0|`` (the
    ``"weight_change"`` mask builder): per weight (``scope="layer"``: the layer's budget
    ``K_l``) or over all targeted weights together (``scope="global"``: ``K = Σ_l K_l``,
@@ -78,13 +78,26 @@ class SftConfig(ShiraConfig):
     Args:
         density: default 0.01 (1 % of each targeted weight); ``None`` uses ``r·(O + I·ΠK)``.
         mask_type: default ``"weight_change"``: build ``masks`` with
-            :func:`lottery_ticket_masks` before adding the adapter.  ``"random"`` and
+            :func:`~lava_peft.tools.sft.lottery_ticket_masks` before adding the adapter.  ``"random"`` and
             ``"struct"`` need no model.
         masks: ``{module: tensor}`` — scores (the top ``budget`` are kept), or an explicit
             bool mask / sorted flat indices, whose size is then the layer's budget.
         l1_lambda: weight of the L1 pull of ``φ`` toward 0 (toward ``θ0``), ``≥ 0``;
             ``model.regularization_loss()`` adds ``l1_lambda · mean over layers of ‖φ_l‖₁``.
     """
+
+    cli_help: ClassVar[str | None] = "LT-SFT: a sparse difference on a lottery-ticket mask from a dense phase 1"
+    cli_options: ClassVar[dict[str, tuple]] = {
+        "density": ShiraConfig.cli_options["density"],
+        "sft_phase1_epochs": (1.0, float, "sft: epochs of dense phase-1 training that pick the lottery-ticket mask"),
+        "l1_lambda": (0.0, float, "sft: weight of the L1 pull of the sparse difference toward the pretrained weights"),
+    }
+    cli_prepare: ClassVar[str | None] = "lava_peft.tools.sft:prepare_cli_config"
+
+    @classmethod
+    def from_cli(cls, opts, common):
+        return cls(density=opts["density"] or 0.01, l1_lambda=opts["l1_lambda"], seed=opts["seed"],
+                   **dict(common, alpha=opts["alpha"] / 16.0))
 
     label: ClassVar[str] = "LT-SFT"
     mask_helper: ClassVar[str] = "lava_peft.tools.sft.lottery_ticket_masks(model, config, train_fn)"

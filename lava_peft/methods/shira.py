@@ -76,9 +76,28 @@ class ShiraConfig(AdapterConfig):
         masks: ``{module path: tensor}`` precomputed per layer — a floating score tensor of
             the canonical shape (``mask_slot`` then applies), or an explicit mask: a bool
             tensor of the canonical shape or 1-D integer flat indices, with exactly
-            ``budget`` entries.  :func:`with_masks` fills it.  Not written to JSON; a config
+            ``budget`` entries.  :func:`~lava_peft.tools.shira.with_masks` fills it.  Not written to JSON; a config
             read from a file has ``masks="saved"`` (the indices come from the adapter file).
     """
+
+    cli_help: ClassVar[str | None] = "SHiRA: a fixed sparse subset of each weight's entries"
+    cli_options: ClassVar[dict[str, tuple]] = {
+        "density": (None, float, "shira/sft: fraction of each targeted weight that is trained (default: "
+                                 "shira r·(O+I) entries, sft 0.01)"),
+        "mask": (None, str, "shira: mask type random | struct | weight_magnitude | grad | snip (default random)"),
+    }
+    cli_notes: ClassVar[dict[str, str]] = {
+        "rank": "a budget of r·(O+I) entries per layer unless --density is given",
+        "alpha": "alpha/16 is used as the plain scale of the sparse values",
+        "lr": "they update weight entries directly; chosen on a validation split, benchmarks/results/methods.md",
+    }
+    cli_default_lr: ClassVar[float] = 2e-2
+    cli_prepare: ClassVar[str | None] = "lava_peft.tools.shira:prepare_cli_config"
+
+    @classmethod
+    def from_cli(cls, opts, common):
+        return cls(density=opts["density"], mask_type=opts["mask"] or "random", seed=opts["seed"],
+                   **dict(common, alpha=opts["alpha"] / 16.0))
 
     label: ClassVar[str] = "SHiRA"
     """The method's name in error messages (subclasses such as LT-SFT set their own)."""

@@ -5,6 +5,7 @@ The sparse adapter trained in phase 2 is :mod:`lava_peft.methods.sft`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -16,7 +17,7 @@ from ..layers import SavedModuleWrapper
 from ..methods.sft import SCOPES, SftConfig
 from ..methods.sparse_masks import mask_builder, select_top
 from ..model import AdaptedModel
-from ..train import Trainer
+from ..train import Trainer, TrainingArguments
 from .shira import layer_scores, mask_layers
 from .sparse_masks import weight_changes
 
@@ -102,4 +103,18 @@ def trainer_phase(train_data: Any, args=None, **kwargs) -> Callable[[nn.Module],
     return train_fn
 
 
-__all__ = ["lottery_ticket_masks", "trainer_phase"]
+
+
+# =============================================================================== `lava train --method sft`
+def prepare_cli_config(config: SftConfig, opts: dict, task) -> SftConfig:
+    """``SftConfig.cli_prepare``: phase 1 trains the targeted weights densely, the mask keeps the largest changes."""
+    phase1 = TrainingArguments(output_dir=str(Path(opts["out"]) / "sft-phase1"), epochs=opts["sft_phase1_epochs"],
+                               batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"], overwrite=True,
+                               progress=not opts["no_progress"], summary=False, save_final=False, save_best=False,
+                               save_every=0)
+    print(f"lava train: LT-SFT phase 1 ({opts['sft_phase1_epochs']} epoch(s) of dense training) ...", flush=True)
+    masks = lottery_ticket_masks(task.model, config, trainer_phase(task.train, phase1))
+    return config.replace(masks=masks)
+
+
+__all__ = ["lottery_ticket_masks", "prepare_cli_config", "trainer_phase"]

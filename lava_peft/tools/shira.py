@@ -19,13 +19,14 @@ from torch import nn
 
 from ..errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
 from ..inject import adapted_layers, find_targets
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json
+from ..adapter_files import WEIGHTS_NAME, write_adapter_dir
 from ..layers import AdaptedLayer, LinearOps, layer_ops
 from ..methods.base import LayerSpec
 from ..methods.shira import ShiraAdapter, ShiraConfig, shira_budget
 from ..methods.sparse_masks import MaskInputs, mask_builder, select_top
 from ..model import AdaptedModel
 from ..peft_common import base_layer_at
+from ..train.trainer import classification_loss, default_forward
 from .sparse_masks import calibration_gradients
 
 
@@ -139,8 +140,7 @@ def export_peft_shira(model, save_directory: str, adapter_name: str | None = Non
         "modules_to_save": None,
     }
     out = Path(save_directory)
-    atomic_save_safetensors(tensors, out / WEIGHTS_NAME, {"format": "pt"})
-    atomic_write_json(out / CONFIG_NAME, peft_config)
+    write_adapter_dir(out, peft_config, tensors, {"format": "pt"})
 
 
 def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[str, torch.Tensor],
@@ -213,4 +213,25 @@ def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[s
     return wrapped
 
 
-__all__ = ["export_peft_shira", "import_peft_shira", "layer_scores", "mask_layers", "with_masks"]
+
+
+# =============================================================================== `lava train --method shira`
+def calibration_batches(data: dict, batch_size: int, n_batches: int = 4) -> list[dict]:
+    """The first ``n_batches`` training batches of a `lava train` task (for gradient-based masks)."""
+    n = len(data["labels"])
+    return [{k: v[i:i + batch_size] for k, v in data.items()} for i in range(0, min(n, n_batches * batch_size), batch_size)]
+
+
+def _calibration_loss(model, batch):
+    return classification_loss(default_forward(model, batch), batch["labels"])
+
+
+def prepare_cli_config(config: ShiraConfig, opts: dict, task) -> ShiraConfig:
+    """``ShiraConfig.cli_prepare``: masks that read the model (``|W|``, grad, SNIP) are built here."""
+    if config.mask_type in ("random", "struct"):
+        return config
+    return with_masks(task.model, config, calibration_batches(task.train, opts["batch_size"]), _calibration_loss)
+
+
+__all__ = ["calibration_batches", "export_peft_shira", "import_peft_shira", "layer_scores", "mask_layers",
+           "prepare_cli_config", "with_masks"]

@@ -1,0 +1,141 @@
+"""The adapter directory on disk: the one reader and the one writer.
+
+A lava-peft adapter directory holds ``adapter_config.json`` (the payload: library and format
+versions, ``method``, ``config``, ``base_model_fingerprint``) and ``adapter_model.safetensors``
+(per adapted module ``<module path>.<tensor>``; ``modules_to_save`` copies as
+``<module path>.__saved__.<tensor>``).  HF PEFT directories use the same two file names with
+PEFT's own content.  Every part of the library that reads or writes such a directory —
+``save_pretrained`` / ``load_adapter`` / ``from_pretrained``, hot-swap, ``import_peft`` /
+``export_peft``, `lava inspect` — goes through :func:`read_adapter_dir` /
+:func:`write_adapter_dir`; the atomic writes and safe reads themselves are :mod:`lava_peft.io`'s.
+Only safetensors and JSON are ever read (no pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+from .config import FORMAT_VERSION, AdapterConfig, config_from_payload
+from .errors import AdapterFileError
+from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+
+SAVED_MARKER = "__saved__"
+"""Key infix of ``modules_to_save`` tensors: ``<module>.__saved__.<param>``."""
+
+
+def saved_key(path: str, key: str) -> str:
+    """The file key of tensor ``key`` of the ``modules_to_save`` copy at ``path``."""
+    return f"{path}.{SAVED_MARKER}.{key}"
+
+
+def split_saved_key(key: str) -> tuple[str, str] | None:
+    """``(module path, tensor name)`` of a ``modules_to_save`` key, or ``None`` for an adapter tensor."""
+    module, marker, param = key.partition(f".{SAVED_MARKER}.")
+    return (module, param) if marker else None
+
+
+@dataclass
+class AdapterDirectory:
+    """What :func:`read_adapter_dir` found: the JSON payload, the parsed config (lava-peft format
+    only) and the tensors (when asked for)."""
+
+    directory: Path
+    payload: dict
+    config: AdapterConfig | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / CONFIG_NAME
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / WEIGHTS_NAME
+
+
+def read_adapter_dir(directory, *, kind: str = "adapter", parse_config: bool = True,
+                     load_tensors: bool = True) -> AdapterDirectory:
+    """Read an adapter directory (refusing a missing one with a clear :class:`AdapterFileError`).
+
+    ``parse_config``: the payload is a lava-peft one and becomes an :class:`AdapterConfig`
+    (``False`` for HF PEFT directories).  ``load_tensors``: also read the safetensors file.
+    ``kind`` names the directory in errors (``"adapter"``, ``"PEFT adapter"``).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"{kind} directory {directory} does not exist")
+    payload = read_json(directory / CONFIG_NAME)
+    found = AdapterDirectory(directory, payload)
+    if parse_config:
+        found.config = config_from_payload(payload, str(directory / CONFIG_NAME))
+    if load_tensors:
+        found.tensors = read_adapter_tensors(directory)
+    return found
+
+
+def read_adapter_tensors(directory) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory``'s ``adapter_model.safetensors``."""
+    return read_safetensors(Path(directory) / WEIGHTS_NAME)
+
+
+def read_tensor_index(weights_path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """``(metadata, {key: (shape, dtype)})`` of a safetensors file, from its header only (no tensor
+    data is read); a file that is not safetensors raises :class:`AdapterFileError`."""
+    from safetensors import safe_open
+
+    index = {}
+    try:
+        with safe_open(str(weights_path), "pt") as fh:
+            metadata = fh.metadata() or {}
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                index[key] = (list(sl.get_shape()), sl.get_dtype())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise AdapterFileError(f"{weights_path} cannot be read as safetensors ({exc}); the file is corrupt or "
+                               "truncated") from None
+    return metadata, index
+
+
+def adapter_payload(config: AdapterConfig, fingerprint: dict) -> dict:
+    """The ``adapter_config.json`` content of a lava-peft adapter."""
+    return {
+        "library": "lava-peft",
+        "library_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "config": config.to_dict(),
+        "base_model_fingerprint": fingerprint,
+    }
+
+
+def adapter_metadata(config: AdapterConfig) -> dict[str, str]:
+    """The safetensors header metadata of a lava-peft adapter file."""
+    return {"format": "pt", "library": "lava-peft", "format_version": str(FORMAT_VERSION), "method": config.method}
+
+
+def write_adapter_dir(directory, payload: dict, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory`` (each atomically)."""
+    directory = Path(directory)
+    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata if metadata is not None else {"format": "pt"})
+    atomic_write_json(directory / CONFIG_NAME, payload)
+
+
+__all__ = [
+    "AdapterDirectory",
+    "CONFIG_NAME",
+    "SAVED_MARKER",
+    "WEIGHTS_NAME",
+    "adapter_metadata",
+    "adapter_payload",
+    "read_adapter_dir",
+    "read_adapter_tensors",
+    "read_tensor_index",
+    "saved_key",
+    "split_saved_key",
+    "write_adapter_dir",
+]

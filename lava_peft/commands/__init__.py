@@ -1,0 +1,1 @@
+"""The `lava` subcommands (one module each); :mod:`lava_peft.cli` registers them and parses the command line."""
