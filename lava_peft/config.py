@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import re
 import types
@@ -382,10 +384,26 @@ def config_from_payload(payload: dict, source: str) -> AdapterConfig:
                 f"{source}: config field {f.name!r} must be {_type_name(hints.get(f.name, Any))}; got "
                 f"{data[f.name]!r} ({type(data[f.name]).__name__}). Fix the value in the file or save the adapter again"
             )
+    _check_fingerprint_digest(payload.get("base_model_fingerprint"), source)
     try:
         return cls.from_dict(data)
     except (LavaConfigError, TypeError) as exc:
         raise AdapterFileError(f"{source}: {exc}") from None
+
+
+def fingerprint_digest(modules: dict) -> str:
+    """The fingerprint's ``sha256``: first 16 hex digits of sha256(json(modules, sorted keys))."""
+    return hashlib.sha256(json.dumps(modules, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_fingerprint_digest(fp: Any, source: str) -> None:
+    """Refuse a ``base_model_fingerprint`` whose ``sha256`` does not match its ``modules`` (edited by hand)."""
+    if isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "sha256" in fp:
+        if fp["sha256"] != fingerprint_digest(fp["modules"]):
+            raise AdapterFileError(
+                f"{source}: base_model_fingerprint.sha256 does not match its modules; the config was edited or is "
+                "corrupt. Save the adapter again (or fix the modules / delete the sha256 entry if you edited it)"
+            )
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from .config import fingerprint_digest
 from .errors import AdapterFileError
 
 try:  # POSIX advisory locks; elsewhere concurrent writers are not serialized
@@ -490,19 +491,8 @@ def _safetensors_header(raw: bytes, source) -> dict:
 
 
 def fingerprint(shapes: dict[str, list[int]]) -> dict:
-    """Adapted module names + base weight shapes, and a short hash of both."""
-    blob = json.dumps(shapes, sort_keys=True).encode()
-    return {"modules": shapes, "sha256": hashlib.sha256(blob).hexdigest()[:16]}
-
-
-def check_fingerprint_hash(fp: dict, source) -> None:
-    """Refuse a fingerprint whose ``sha256`` does not match its ``modules`` (edited by hand)."""
-    if isinstance(fp, dict) and "sha256" in fp and isinstance(fp.get("modules"), dict):
-        if fingerprint(fp["modules"])["sha256"] != fp["sha256"]:
-            raise AdapterFileError(
-                f"{source}: base_model_fingerprint.sha256 does not match its modules; the config was edited "
-                "or is corrupt. Save the adapter again"
-            )
+    """Adapted module names + base weight shapes, and a short hash of both (checked on load)."""
+    return {"modules": shapes, "sha256": fingerprint_digest(shapes)}
 
 
 def check_tensors_match(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source, keys=None) -> None:
