@@ -461,7 +461,7 @@ def tensors_from_bytes(raw: bytes, source, *, integer_keys: Iterable[str] | None
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise AdapterFileError(
-                    f"{source}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.numel()}; the training "
+                    f"{source}: tensor {key!r} holds {bad} of {tensor.numel()} values that are not finite (NaN/Inf); the training "
                     "diverged or the file is corrupt. Use an earlier checkpoint, or pass allow_nonfinite=True "
                     "to read it anyway"
                 )
@@ -496,8 +496,8 @@ def fingerprint(shapes: dict[str, list[int]]) -> dict:
 
 
 def check_tensors_match(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source, keys=None) -> None:
-    """Refuse a weights file whose keys (``keys``, default all of ``tensors``), shapes or dtype
-    kinds (floating vs integer vs bool) differ from ``expected``."""
+    """Refuse a weights file whose keys (``keys``, default all of ``tensors``) or shapes differ from
+    ``expected``, or that holds an integer/bool tensor where ``expected`` is floating point."""
     present = set(tensors) if keys is None else set(keys)
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
@@ -507,15 +507,10 @@ def check_tensors_match(expected: dict[str, torch.Tensor], tensors: dict[str, to
             f"{source} does not match its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}; the file is corrupt or was edited"
         )
-    bad_kind = [f"{k} ({tensors[k].dtype}, expected {expected[k].dtype})" for k in expected
-                if k in tensors and _dtype_kind(tensors[k]) != _dtype_kind(expected[k])]
+    # integer buffers (SHiRA indices, lowbit codes) are checked by their method on load, with its own message
+    bad_kind = [f"{k!r} is {tensors[k].dtype}, not a floating point type like the model's {expected[k].dtype}"
+                for k in expected if k in tensors and expected[k].is_floating_point() and not tensors[k].is_floating_point()]
     if bad_kind:
         raise AdapterFileError(
-            f"{source}: tensors of the wrong kind of dtype: {bad_kind[:3]}; the file is corrupt or was edited"
+            f"{source}: {'; '.join(bad_kind[:3])}; the file is corrupt or was edited. Save the adapter again"
         )
-
-
-def _dtype_kind(tensor: torch.Tensor) -> str:
-    if tensor.dtype == torch.bool:
-        return "bool"
-    return "float" if tensor.is_floating_point() or tensor.is_complex() else "integer"

@@ -162,16 +162,17 @@ def test_kill_9_during_directory_writes_never_leaves_a_mixed_or_unreadable_set(t
     target = tmp_path / "adapter"
     _write_pair(target, "k", 0)
     rng = random.Random(0)
-    last, interrupted = 0, 0
-    for _ in range(12):
+    last, interrupted, kills = 0, 0, 0
+    while kills < 40 and (kills < 12 or last < 5 or not interrupted):  # bounded; adapts to a slow machine
         pid = _fork(_write_forever, target, "k", last + 1)
         time.sleep(rng.uniform(0.02, 0.12))
         _kill(pid)
+        kills += 1
         interrupted += any(p.name.startswith(io.STAGING_PREFIX) for p in target.iterdir())
         tag, i = _read_pair(target)  # consistent (asserted inside), never older than what was read before
         assert tag == "k" and i >= last
         last = i
-    assert last > 12 and interrupted >= 1, (last, interrupted)
+    assert last >= 5 and interrupted >= 1, (kills, last, interrupted)
 
 
 def test_two_concurrent_writers_and_a_reader_never_mix(tmp_path):
@@ -201,8 +202,9 @@ def _tiny_training_state(seed: int = 0):
     return model, optimizer, scheduler
 
 
-def _checkpoint_forever(run_dir, start: int) -> None:
-    model, optimizer, scheduler = _tiny_training_state()
+def _checkpoint_forever(run_dir, start: int, training_state) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    model, optimizer, scheduler = training_state  # built before the fork
     step = start
     while True:
         with torch.no_grad():
@@ -225,12 +227,15 @@ def test_resume_skips_an_incomplete_tmp_checkpoint_and_says_so(tmp_path):
 
 def test_kill_9_during_checkpoint_saves_then_resume_works(tmp_path):
     rng = random.Random(1)
-    step, saw_tmp = 1, 0
-    for _ in range(8):
-        pid = _fork(_checkpoint_forever, tmp_path, step)
+    training_state = _tiny_training_state()
+    step, saw_tmp, kills = 1, 0, 0
+    while kills < 20 and (kills < 6 or step < 4 or not saw_tmp):  # bounded; adapts to a slow machine
+        pid = _fork(_checkpoint_forever, tmp_path, step, training_state)
         time.sleep(rng.uniform(0.15, 0.5))
         _kill(pid)
-        saw_tmp += any(p.name.endswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+        kills += 1
+        folder = tmp_path / "checkpoints"
+        saw_tmp += folder.is_dir() and any(p.name.endswith(".tmp") for p in folder.iterdir())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             latest = latest_checkpoint(tmp_path)
@@ -241,7 +246,7 @@ def test_kill_9_during_checkpoint_saves_then_resume_works(tmp_path):
         assert state["step"] == int(latest.name.split("-")[1])
         assert torch.equal(model.model[0].adapters["default"].lava_U, torch.full((6, 2), float(state["step"])))
         step = state["step"] + 1
-    assert step > 8 and saw_tmp >= 1, (step, saw_tmp)
+    assert step >= 4 and saw_tmp >= 1, (kills, step, saw_tmp)
 
 
 # =========================================================================== validation of what is read
@@ -287,14 +292,14 @@ def test_integer_nan_and_retyped_tensors_are_refused(saved):
         poisoned = tensors["2.lava_V"].clone()
         poisoned[0, 1] = value
         save_file({**tensors, "2.lava_V": poisoned}, weights)
-        with pytest.raises(lp.AdapterFileError, match=r"'2.lava_V' holds 1 NaN/Inf value\(s\) of 12.*allow_nonfinite=True"):
+        with pytest.raises(lp.AdapterFileError, match=r"'2.lava_V' holds 1 of 12 values that are not finite \(NaN/Inf\).*allow_nonfinite=True"):
             lp.AdaptedModel.from_pretrained(fresh, path)
         assert io.read_safetensors(weights, allow_nonfinite=True)["2.lava_V"][0, 1].item() != 0
     assert _unchanged(fresh, snap)
     # declared integer buffers pass the reader; check_tensors_match still compares dtype kinds
     save_file({"m.sparse_indices": torch.arange(3, dtype=torch.int32), "m.lora_A.codes": torch.zeros(2, dtype=torch.uint8)}, weights)
     assert set(io.read_safetensors(weights)) == {"m.sparse_indices", "m.lora_A.codes"}
-    with pytest.raises(lp.AdapterFileError, match=r"wrong kind of dtype: \['m.w \(torch.int64, expected torch.float32\)'\]"):
+    with pytest.raises(lp.AdapterFileError, match=r"'m.w' is torch.int64, not a floating point type like the model's torch.float32"):
         io.check_tensors_match({"m.w": torch.zeros(2)}, {"m.w": torch.zeros(2, dtype=torch.int64)}, "f")
     weights.write_bytes(good)
     assert lp.AdaptedModel.from_pretrained(fresh, path) is not None
@@ -416,8 +421,11 @@ def test_multihead_attention_out_proj_is_refused_or_skipped():
 
 def test_transformer_encoder_layer_fast_path_is_refused_unless_switched_off():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
-    with pytest.warns(UserWarning, match="fast path"), pytest.raises(lp.TargetModulesError, match="matched no adaptable"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(lp.TargetModulesError, match="matched no adaptable"):
+        warnings.simplefilter("always")
         lp.adapt(layer, lp.LoraConfig(r=2, target_modules="all-linear"))
+    skipped = sorted(str(w.message).split("skipping ")[1].split(":")[0] for w in caught if "skipping" in str(w.message))
+    assert skipped == ["'linear1'", "'linear2'", "'self_attn.out_proj'"]
     with pytest.raises(lp.UnsupportedLayerError, match=r"set_fastpath_enabled\(False\)"):
         lp.adapt(layer, lp.LoraConfig(r=2, target_modules=["linear1"]))
 
