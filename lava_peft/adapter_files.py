@@ -13,7 +13,7 @@ Only safetensors and JSON are ever read (no pickle).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,16 @@ import torch
 from ._version import __version__
 from .config import FORMAT_VERSION, AdapterConfig, config_from_payload
 from .errors import AdapterFileError
-from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from .io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_directory,
+    atomic_save_safetensors,
+    atomic_write_json,
+    json_from_bytes,
+    read_adapter_files,
+    tensors_from_bytes,
+)
 
 SAVED_MARKER = "__saved__"
 """Key infix of ``modules_to_save`` tensors: ``<module>.__saved__.<param>``."""
@@ -41,12 +50,18 @@ def split_saved_key(key: str) -> tuple[str, str] | None:
 @dataclass
 class AdapterDirectory:
     """What :func:`read_adapter_dir` found: the JSON payload, the parsed config (lava-peft format
-    only) and the tensors (when asked for)."""
+    only) and the tensors (when asked for).
+
+    Both files are read together, as one consistent set (verified against the folder's
+    manifest when it has one, :func:`lava_peft.io.read_adapter_files`): :meth:`read_tensors`
+    parses the weights read with the config, never a newer file written in between.
+    """
 
     directory: Path
     payload: dict
     config: AdapterConfig | None = None
     tensors: dict[str, torch.Tensor] | None = None
+    weights_bytes: bytes | None = field(default=None, repr=False)
 
     @property
     def config_path(self) -> Path:
@@ -56,30 +71,47 @@ class AdapterDirectory:
     def weights_path(self) -> Path:
         return self.directory / WEIGHTS_NAME
 
+    def read_tensors(self, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+        """The validated tensors of the weights file (floating and finite, see :mod:`lava_peft.io`)."""
+        if self.tensors is None:
+            if self.weights_bytes is None:
+                raise AdapterFileError(
+                    f"no adapter weights at {self.weights_path}; expected {WEIGHTS_NAME} next to {CONFIG_NAME}"
+                )
+            self.tensors = tensors_from_bytes(self.weights_bytes, self.weights_path, allow_nonfinite=allow_nonfinite)
+        return self.tensors
+
 
 def read_adapter_dir(directory, *, kind: str = "adapter", parse_config: bool = True,
-                     load_tensors: bool = True) -> AdapterDirectory:
+                     load_tensors: bool = True, allow_nonfinite: bool = False) -> AdapterDirectory:
     """Read an adapter directory (refusing a missing one with a clear :class:`AdapterFileError`).
 
     ``parse_config``: the payload is a lava-peft one and becomes an :class:`AdapterConfig`
-    (``False`` for HF PEFT directories).  ``load_tensors``: also read the safetensors file.
+    (``False`` for HF PEFT directories).  ``load_tensors``: also parse the safetensors file now
+    (otherwise :meth:`AdapterDirectory.read_tensors` does it on demand, from the same read).
     ``kind`` names the directory in errors (``"adapter"``, ``"PEFT adapter"``).
+    ``allow_nonfinite``: accept NaN/Inf values in the weights (refused by default).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"{kind} directory {directory} does not exist")
-    payload = read_json(directory / CONFIG_NAME)
-    found = AdapterDirectory(directory, payload)
+    read = read_adapter_files(directory, (CONFIG_NAME, WEIGHTS_NAME))
+    if CONFIG_NAME not in read.files:
+        raise AdapterFileError(
+            f"no adapter config at {directory / CONFIG_NAME}; expected the directory written by save_pretrained()"
+        )
+    payload = json_from_bytes(read.files[CONFIG_NAME], directory / CONFIG_NAME)
+    found = AdapterDirectory(directory, payload, weights_bytes=read.files.get(WEIGHTS_NAME))
     if parse_config:
         found.config = config_from_payload(payload, str(directory / CONFIG_NAME))
     if load_tensors:
-        found.tensors = read_adapter_tensors(directory)
+        found.read_tensors(allow_nonfinite)
     return found
 
 
 def read_adapter_tensors(directory) -> dict[str, torch.Tensor]:
-    """The tensors of ``directory``'s ``adapter_model.safetensors``."""
-    return read_safetensors(Path(directory) / WEIGHTS_NAME)
+    """The tensors of ``directory``'s ``adapter_model.safetensors`` (read as in :func:`read_adapter_dir`)."""
+    return read_adapter_dir(directory, parse_config=False, load_tensors=False).read_tensors()
 
 
 def read_tensor_index(weights_path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
@@ -119,10 +151,16 @@ def adapter_metadata(config: AdapterConfig) -> dict[str, str]:
 
 def write_adapter_dir(directory, payload: dict, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
-    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory`` (each atomically)."""
-    directory = Path(directory)
-    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata if metadata is not None else {"format": "pt"})
-    atomic_write_json(directory / CONFIG_NAME, payload)
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` as one unit.
+
+    Both files are staged, fsync'd and switched in together (:func:`lava_peft.io.atomic_directory`:
+    a manifest with each file's sha256, renamed last, under a per-directory lock): a reader sees
+    the previous complete pair or the new one, never new weights with an old config, even if the
+    writer is killed or two processes save to the same directory at once.
+    """
+    with atomic_directory(directory) as staging:
+        atomic_save_safetensors(tensors, staging / WEIGHTS_NAME, metadata if metadata is not None else {"format": "pt"})
+        atomic_write_json(staging / CONFIG_NAME, payload)
 
 
 __all__ = [

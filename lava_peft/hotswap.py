@@ -40,7 +40,7 @@ import re
 import torch
 
 from .methods.factors import Factors, _CODECS, method_of, to_native
-from .adapter_files import read_adapter_dir, read_adapter_tensors, split_saved_key
+from .adapter_files import read_adapter_dir, split_saved_key
 from .config import adapter_class
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError, LavaError
 from .inject import adapted_layers, saved_module_wrappers
@@ -53,7 +53,7 @@ def load_off_model(model, model_id: str) -> tuple:
     files = read_adapter_dir(model_id, load_tensors=False)
     config, directory = files.config, files.directory
     paths = model._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
-    tensors = read_adapter_tensors(directory)
+    tensors = files.read_tensors()
     cls = adapter_class(config.method)
     adapters = {}
     for path in paths:

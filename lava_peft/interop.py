@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import config_class, method_hook, registered_methods
+from .config import compile_module_pattern, config_class, method_hook, registered_methods
 from .methods.factors import _CODECS
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
 from .inject import adapted_layers, saved_module_wrappers
 from .peft_common import PREFIX, base_layer_at  # noqa: F401  (base_layer_at: re-exported)
-from .adapter_files import WEIGHTS_NAME, read_adapter_dir, read_adapter_tensors, write_adapter_dir
+from .adapter_files import WEIGHTS_NAME, read_adapter_dir, write_adapter_dir
 from .layers import ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
 
 
@@ -203,6 +203,8 @@ def _check_conv_exportable(path: str, conv: nn.Module) -> None:
 def _peft_pattern_value(pattern: dict, path: str, default):
     """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)``."""
     for key, value in (pattern or {}).items():
+        # keys come from a file: checked for catastrophic backtracking before they run as a regex
+        compile_module_pattern(f"PEFT pattern key {key!r}", key)
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
@@ -225,9 +227,9 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     directory, cfg = files.directory, files.payload
     importer = _peft_importer(cfg.get("peft_type"))
     if importer is not None:
-        if not files.weights_path.is_file():
+        if files.weights_bytes is None:
             raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME} (lava-peft never loads pickle weights)")
-        return importer(model, directory, cfg, read_adapter_tensors(directory), adapter_name, is_trainable)
+        return importer(model, directory, cfg, files.read_tensors(), adapter_name, is_trainable)
     if cfg.get("peft_type") != "LORA":
         known = ["LORA", *sorted(t for t, _ in _peft_imports())]
         raise AdapterFileError(f"{directory} holds a PEFT {cfg.get('peft_type')!r} adapter; only "
@@ -240,14 +242,14 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         bad.append(f"init_lora_weights={init!r} (changes the base weights)")
     if bad:
         raise AdapterFileError(f"{directory}: PEFT LoRA features {bad} are not supported by import_peft")
-    weights_path = files.weights_path
-    if not weights_path.is_file():
+    if files.weights_bytes is None:
         if (directory / "adapter_model.bin").is_file():
             raise AdapterFileError(
                 f"{directory} has only adapter_model.bin (a pickle), which lava-peft never loads; re-save it with "
                 "PEFT's save_pretrained(safe_serialization=True)"
             )
-    tensors = read_adapter_tensors(directory)
+    tensors = files.read_tensors()
+    weights_path = files.weights_path
 
     wrapped = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     base = wrapped.model

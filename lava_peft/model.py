@@ -9,7 +9,6 @@ was.
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,11 +21,10 @@ from .adapter_files import (  # noqa: F401  (SAVED_MARKER: re-exported)
     adapter_metadata,
     adapter_payload,
     read_adapter_dir,
-    read_adapter_tensors,
     saved_key,
     write_adapter_dir,
 )
-from .config import AdapterConfig, adapter_class
+from .config import AdapterConfig, adapter_class, check_adapter_name
 from .errors import AdapterFileError, AdapterNameError, IncompatibleBaseModelError, LavaError
 from .inject import (
     adapted_layers,
@@ -37,9 +35,6 @@ from .inject import (
 )
 from .io import check_tensors_match, fingerprint
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 @dataclass
@@ -146,10 +141,7 @@ class AdaptedModel(nn.Module):
         return self._active[0] if self._active else None
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name) or name == BASE_NAME:
-            raise AdapterNameError(
-                f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (and not {BASE_NAME!r})"
-            )
+        check_adapter_name(name, reserved=(BASE_NAME,))
         if name in self.peft_config:
             raise AdapterNameError(
                 f"an adapter named {name!r} already exists (adapters: {sorted(self.peft_config)}); "
@@ -525,13 +517,19 @@ class AdaptedModel(nn.Module):
             )
         return list(modules)
 
-    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it)."""
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+                     allow_nonfinite: bool = False) -> None:
+        """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it).
+
+        Everything is checked before the model changes: the config's fields and types, the base
+        model's fingerprint, every tensor's key, shape and dtype, and that values are finite
+        (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
+        """
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
         self._check_new_name(adapter_name)
         target_names = self._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
-        tensors = read_adapter_tensors(directory)
+        tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config, target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
         for path, _, adapter in plan.layers:
@@ -568,11 +566,12 @@ class AdaptedModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False
+        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+        allow_nonfinite: bool = False,
     ) -> "AdaptedModel":
         """Base model + saved adapter directory -> AdaptedModel with that adapter active."""
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite)
         wrapped.set_adapter(adapter_name)
         if not is_trainable:
             wrapped.eval()

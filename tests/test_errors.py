@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import lava_peft as lp
+from _files import drop_manifest
+
 
 
 def _net():
@@ -123,6 +125,7 @@ def saved(tmp_path):
     fresh = copy.deepcopy(net)
     model = lp.adapt(net, lp.LavaConfig(r=2, target_modules=["0", "2", "3"]))
     model.save_pretrained(tmp_path / "ad")
+    drop_manifest(tmp_path / "ad")  # these tests corrupt files by hand: the content checks must catch it
     return fresh, tmp_path / "ad"
 
 
@@ -207,7 +210,9 @@ def test_save_is_atomic_no_temp_files_left(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the previous complete save stays as it was: its files, its manifest, its generation copy, no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lava-gen-000001", ".lava-lock", "adapter_config.json", "adapter_model.safetensors", "lava_manifest.json"]
 
 
 def test_adapting_an_adapted_model_is_refused():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import lava_peft as lp
+from _files import drop_manifest
 from lava_peft import io
 from lava_peft.config import ADAPTER_NAME_MAX_LENGTH, check_adapter_name
 from lava_peft.inject import name_matches
@@ -258,9 +259,29 @@ def saved(tmp_path):
     model = lp.adapt(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), lp.LavaConfig(r=2, target_modules=["0", "2"]))
     randomize_adapters(model)
     model.save_pretrained(tmp_path)
+    # The validation below is what protects a folder without a manifest (older lava-peft, files edited
+    # or copied by hand): drop the manifest and its generation copies, keeping the two plain files.
+    drop_manifest(tmp_path)
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
     return fresh, tmp_path
+
+
+def test_save_pretrained_writes_a_manifest_and_a_tampered_file_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = lp.adapt(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), lp.LavaConfig(r=2, target_modules=["0", "2"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / io.MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {io.CONFIG_NAME, io.WEIGHTS_NAME}
+    weights = tmp_path / io.WEIGHTS_NAME
+    good = weights.read_bytes()
+    weights.write_bytes(good.replace(b'"dtype":"F32"', b'"dtype":"I32"', 1))  # in place: the hard-linked copy changes too
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    snap = _snapshot(fresh)
+    with pytest.raises(lp.AdapterFileError, match=r"adapter_model.safetensors does not match its sha256 in lava_manifest.json"):
+        lp.AdaptedModel.from_pretrained(fresh, tmp_path)
+    assert _unchanged(fresh, snap)
 
 
 def _snapshot(model):
@@ -306,6 +327,7 @@ def test_integer_nan_and_retyped_tensors_are_refused(saved):
 
 
 def _edit_config(path, change):
+    drop_manifest(path)
     cfg_path = path / io.CONFIG_NAME
     payload = json.loads(cfg_path.read_text())
     change(payload)

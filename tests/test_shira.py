@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lava_peft as lp
+from _files import drop_manifest
 from lava_peft import diagnostics
 from lava_peft.methods import sparse_masks as sm
 from lava_peft.tools import sparse_masks as sm_tools
@@ -344,6 +345,7 @@ def test_save_load_is_exact_including_indices(tmp_path):
 def test_corrupt_index_buffer_in_a_file_is_refused(tmp_path, corrupt, match):
     model, pristine, _ = _build("linear", r=1)
     model.save_pretrained(tmp_path)
+    drop_manifest(tmp_path)  # a hand-edited folder: the index checks themselves must refuse it
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(str(path))
     tensors["0.sparse_indices"] = corrupt(tensors["0.sparse_indices"])

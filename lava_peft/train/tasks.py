@@ -16,6 +16,8 @@ and ``digits`` (images).  Text models need text data and vision models image dat
 
 from __future__ import annotations
 
+import re
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +153,9 @@ def load_merged_vision_model(path: str | Path, num_classes: int) -> nn.Module:
         raise LavaConfigError(f"{path} was merged for {data!r} ({NUM_CLASSES[data]} classes) but {num_classes} "
                               f"classes are needed here; use a data set with {NUM_CLASSES[data]} classes")
     net = load_vision_model(name, num_classes)
-    tensors = read_safetensors(path / "model.safetensors")
+    # a full state dict: the model's own integer buffers (BatchNorm's num_batches_tracked) are legitimate
+    integer_keys = [re.escape(k) for k, v in net.state_dict().items() if not v.is_floating_point()]
+    tensors = read_safetensors(path / "model.safetensors", integer_keys=integer_keys)
     check_tensors_match(net.state_dict(), tensors, path / "model.safetensors")
     net.load_state_dict(tensors)
     return net
