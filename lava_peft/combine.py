@@ -158,7 +158,8 @@ def add_weighted_adapter(
     density = 1.0 if density is None else float(density)
     layers = _collect_layers(model, names)
     methods = [model.peft_config[n].method for n in names]
-    codecs = [_CODECS.get(m) for m in methods]
+    configs = [model.peft_config[n] for n in names]
+    codecs = [_CODECS[m].for_config(c) if m in _CODECS else None for m, c in zip(methods, configs)]
 
     needs_dense = combination_type in _DENSE_TYPES or any(c is None for c in codecs)
     gen = torch.Generator().manual_seed(int(seed))
@@ -173,7 +174,8 @@ def add_weighted_adapter(
     errors: list[str] = []
     payloads = None
     for method in candidates:
-        payloads, why = _build_payloads(method, layers, weights, codecs, combination_type, targets, svd_rank, als_iters)
+        payloads, why = _build_payloads(method, layers, weights, codecs, combination_type, targets, svd_rank, als_iters,
+                                        configs)
         if payloads is not None:
             break
         errors.append(f"{method}: {why}")
@@ -371,7 +373,8 @@ def _read_weighted(layer: _LayerInput, weights, codecs) -> list[Factors]:
         if a is not None:
             with torch.no_grad():
                 f = codec.read(a)
-            parts.append(Factors(f.up.detach().float().cpu() * w, [m.detach().float().cpu() for m in f.modes]))
+            parts.append(Factors(f.up.detach().float().cpu() * w, [m.detach().float().cpu() for m in f.modes],
+                                 None if f.core is None else f.core.detach().float().cpu()))
     return parts
 
 
@@ -380,8 +383,11 @@ def _weighted_sum_from_factors(layer: _LayerInput, weights, codecs) -> torch.Ten
     return Factors.cat(parts).dense(layer.spec.canonical_shape)
 
 
-def _build_payloads(method, layers, weights, codecs, combination_type, targets, svd_rank, als_iters):
-    """``{path: ("factors", Factors) | ("dense", tensor)}`` for the result method, or ``(None, reason)``."""
+def _build_payloads(method, layers, weights, codecs, combination_type, targets, svd_rank, als_iters, configs=()):
+    """``{path: ("factors", Factors) | ("dense", tensor)}`` for the result method, or ``(None, reason)``.
+
+    The result method's codec is the one for its first input config (e.g. LAVA's ``factorization``),
+    the config :func:`_result_config` copies."""
     payloads = {}
     if method == "dense_delta":
         for layer in layers:
@@ -390,7 +396,8 @@ def _build_payloads(method, layers, weights, codecs, combination_type, targets, 
                 dense = _weighted_sum_from_factors(layer, weights, codecs)
             payloads[layer.path] = ("dense", dense)
         return payloads, None
-    codec = _CODECS[method]
+    base = next((c for c in configs if isinstance(c, config_class(method))), None)
+    codec = _CODECS[method] if base is None else _CODECS[method].for_config(base)
     for layer in layers:
         spec = layer.spec
         limit = codec.max_rank(spec)
@@ -401,7 +408,7 @@ def _build_payloads(method, layers, weights, codecs, combination_type, targets, 
             native = [to_native(p, codec, spec) for p in parts]
             if any(n is None for n in native):
                 return None, f"layer {layer.path!r} mixes CP and flattened conv factors"
-            total = Factors.cat(native)
+            total = codec.exact_form(Factors.cat(native), spec)
             if total.rank > limit:
                 if cp:
                     return None, f"CP rank {total.rank} exceeds the maximum {limit} on {layer.path!r}"
@@ -415,6 +422,12 @@ def _build_payloads(method, layers, weights, codecs, combination_type, targets, 
             rank = max(a.r for a in layer.adapters if a is not None)
         rank = min(rank, limit)
         shape = spec.canonical_shape
+        if type(codec).refit is not FactorCodec.refit:
+            target = targets[layer.path] if not have_factors else Factors.cat(parts).dense(shape)
+            refitted = codec.refit(target, rank, spec)
+            if refitted is not None:
+                payloads[layer.path] = ("factors", refitted)
+                continue
         if cp:
             target = targets[layer.path] if not have_factors else Factors.cat(parts).dense(shape)
             concat = None

@@ -20,6 +20,8 @@
 
   Orthogonal adapters have AWOM = 0; adapters touching disjoint rows/columns have a
   sparse ``M`` (AWOR near 1); dense low-rank adapters have AWOR ≈ 0.
+* :func:`gradient_variance` — the across-minibatch variance (covariance trace) of the adapter
+  gradients at a fixed model state, per tensor, per layer and in total.
 * :func:`merged_change_fraction` — SHiRA's %C: the share of base weights that merging an
   adapter changes (``fl(W + ΔW) ≠ W`` in the base dtype, so increments below half an
   ulp of a low-precision weight count as unchanged).
@@ -227,3 +229,62 @@ __all__ = [
     "plot_spectra",
     "unfoldings",
 ]
+
+
+# =============================================================================== gradient variance
+def gradient_variance(model, batches, loss_fn, adapter_name: str | None = None) -> dict:
+    """Across-minibatch variance of the adapter gradients at the model's *current* state.
+
+    For minibatches ``b = 1..B`` (``batches``, ``B ≥ 2``) the gradient ``g_b = ∇_θ loss_fn(model,
+    batch_b)`` of every tensor ``θ`` of the adapter's layers is taken at the same parameters; per
+    tensor (and summed per layer and over the model)::
+
+        var   = 1/(B−1) · Σ_b ‖g_b − ḡ‖²     (trace of the unbiased covariance of the gradient)
+        mean² = ‖ḡ‖²,   ḡ = 1/B · Σ_b g_b
+
+    ``loss_fn(model, batch)`` returns the scalar loss of one minibatch (e.g. the data loss only: a
+    regularizer that does not depend on the batch adds the same vector to every ``g_b`` and leaves
+    ``var`` unchanged).  Parameters and their ``.grad`` are left as they were; the model's
+    train/eval mode is the caller's choice (dropout adds its own noise).
+
+    Returns ``{"batches": B, "total": {"var", "mean_sq"}, "layers": {path: {"var", "mean_sq",
+    "tensors": {name: {"var", "mean_sq"}}}}}``.
+    """
+    name = adapter_name or model.active_adapter
+    model.check_known(name)
+    tensors: dict[tuple[str, str], torch.nn.Parameter] = {}
+    for path, layer in adapted_layers(model.model):
+        if name in layer.adapters:
+            for pname, p in layer.adapters[name].named_parameters():
+                if p.requires_grad:
+                    tensors[(path, pname)] = p
+    if not tensors:
+        raise LavaError(f"adapter {name!r} has no trainable tensors to probe; set_adapter({name!r}) first")
+    params = list(tensors.values())
+    saved = [p.grad for p in params]
+    grads: list[list[torch.Tensor]] = []
+    try:
+        for batch in batches:
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model, batch)
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            grads.append([torch.zeros_like(p, dtype=torch.float64) if g is None else g.detach().double()
+                          for p, g in zip(params, gs)])
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    if len(grads) < 2:
+        raise LavaError(f"gradient_variance needs at least 2 minibatches; got {len(grads)}")
+    n = len(grads)
+    layers: dict[str, dict] = {}
+    for k, (path, pname) in enumerate(tensors):
+        stack = torch.stack([g[k] for g in grads])
+        mean = stack.mean(0)
+        var = ((stack - mean) ** 2).sum().item() / (n - 1)
+        entry = layers.setdefault(path, {"var": 0.0, "mean_sq": 0.0, "tensors": {}})
+        entry["tensors"][pname] = {"var": var, "mean_sq": mean.pow(2).sum().item()}
+        entry["var"] += var
+        entry["mean_sq"] += entry["tensors"][pname]["mean_sq"]
+    total = {"var": sum(e["var"] for e in layers.values()), "mean_sq": sum(e["mean_sq"] for e in layers.values())}
+    return {"batches": n, "total": total, "layers": layers}

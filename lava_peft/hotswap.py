@@ -113,11 +113,13 @@ def _plan_layer_write(path, old, new, adapter_name, model_id):
     method_old = method_of(old)
     codec = _CODECS.get(method_old)
     if codec is not None:
+        codec = codec.for_adapter(old)
         with torch.no_grad():
             current = codec.read(old)
         rank = current.rank
         if new is None:
-            incoming = Factors(torch.zeros_like(current.up), [torch.zeros_like(m) for m in current.modes])
+            incoming = Factors(torch.zeros_like(current.up), [torch.zeros_like(m) for m in current.modes],
+                               None if current.core is None else torch.zeros_like(current.core))
         else:
             new_codec = _CODECS.get(method_of(new))
             if new_codec is None:
@@ -139,7 +141,7 @@ def _plan_layer_write(path, old, new, adapter_name, model_id):
                     "compiling, then hot-swap"
                 )
             incoming = incoming.padded(rank)
-        incoming = Factors(incoming.up.detach(), [m.detach() for m in incoming.modes])
+        incoming = incoming.detached()
         return lambda: codec.write(old, incoming)
     # a method without factors: identical shapes and scale
     if new is not None and type(new) is not type(old):
@@ -213,7 +215,7 @@ def prepare_model_for_compiled_hotswap(model, target_rank: int, adapter_name: st
     ranks = {}
     for path, layer in layers:
         current = layer.adapters[name].r
-        limit = codec.max_rank(layer.spec)
+        limit = codec.for_config(old_cfg).max_rank(layer.spec)
         ranks[path] = max(current, min(target_rank, limit))
     common = max(ranks.values())
     pattern = {f"^{re.escape(p)}$": r for p, r in ranks.items() if r != common}

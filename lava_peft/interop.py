@@ -111,9 +111,9 @@ def export_peft(
             tensors[f"{PREFIX}{path}.lora_embedding_B"] = factors.up
         elif isinstance(ops, ConvOps):
             _check_conv_exportable(path, base)
-            if factors.is_cp and not allow_rank_expansion:
+            if (factors.is_cp or factors.is_tucker) and not allow_rank_expansion:
                 raise LavaConfigError(
-                    f"{path}: a conv LAVA adapter is a CP sum; PEFT can only hold it as a flattened LoRA of the same "
+                    f"{path}: a conv LAVA adapter is a CP sum (or Tucker-2); PEFT can only hold it as a flattened LoRA of the same "
                     f"rank with r·(O + I·ΠK) = {r * (spec.out_dim + spec.in_dim * math.prod(spec.kernel_size))} "
                     f"parameters instead of {sum(p.numel() for p in adapter.parameters())}; pass "
                     "allow_rank_expansion=True to export it that way"
@@ -124,7 +124,9 @@ def export_peft(
                     f"{path}: grouped conv (groups={groups}); PEFT's lora_A convolves all input channels, so the "
                     f"exact export needs rank r·groups = {r * groups}; pass allow_rank_expansion=True"
                 )
-            down = factors.flattened().modes[0].reshape(r, spec.in_dim, *spec.kernel_size)
+            factors = factors.flattened()
+            r = factors.rank
+            down = factors.modes[0].reshape(r, spec.in_dim, *spec.kernel_size)
             if groups > 1:
                 a = down.new_zeros(r * groups, spec.in_dim * groups, *spec.kernel_size)
                 for g in range(groups):

@@ -53,6 +53,12 @@ CONFIGS = {
     "lava_rslora_uniform": lambda: lp.LavaConfig(
         r=3, alpha=2, target_modules=["0"], use_rslora=True, spatial_init="uniform", rank_pattern={"0": 1}
     ),
+    # Tucker-2 on convs (linear layers: the LoRA form, as CP); the chain and the weight path
+    "lava_tucker": lambda: lp.LavaConfig(r=2, alpha=4, target_modules=["0"], factorization="tucker"),
+    "lava_tucker_loranit_all_weightpath": lambda: lp.LavaConfig(
+        r=3, alpha=2, target_modules=["0"], factorization="tucker", init="lora", orth_factors="all",
+        conv_path="weight", rank_pattern={"0": 2}
+    ),
     "dylora_lora": lambda: lp.DyLoraConfig(r=3, alpha=4, target_modules=["0"]),
     "dylora_lora_frozen_global": lambda: lp.DyLoraConfig(
         r=3, r_min=2, alpha=2, target_modules=["0"], update="frozen", rank_sampling="global", init="gaussian"

@@ -12,6 +12,7 @@ method registry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,27 +21,65 @@ import torch
 from ..config import AdapterConfig, adapter_class, registered_methods
 from .base import LayerSpec
 
+
+def tucker_flat_down(core: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``D[a, (i, k)] = Σ_b C[a, b, k] · V[b, i]``, shape ``(r_o, I·ΠK)`` (row-major like ``ΔW.reshape(O, -1)``)."""
+    r_o, r_i = core.shape[:2]
+    kp = core[0, 0].numel()
+    # (r_o·ΠK, r_i) @ (r_i, I) -> (r_o, ΠK, I) -> (r_o, I, ΠK)
+    cv = core.reshape(r_o, r_i, kp).transpose(1, 2).reshape(r_o * kp, r_i) @ V
+    return cv.view(r_o, kp, V.shape[1]).transpose(1, 2).reshape(r_o, -1)
+
+
+def tucker_block_diag(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``Σ_p core_p ×₁ U_p ×₂ V_pᵀ`` as one Tucker-2: factors concatenated, cores block-diagonal."""
+    U = torch.cat([p[0] for p in parts], dim=1)
+    V = torch.cat([p[2] for p in parts], dim=0)
+    core = parts[0][1].new_zeros(U.shape[1], V.shape[0], *parts[0][1].shape[2:])
+    a = b = 0
+    for _, c, _ in parts:
+        core[a:a + c.shape[0], b:b + c.shape[1]] = c
+        a, b = a + c.shape[0], b + c.shape[1]
+    return U, core, V
+
+
 @dataclass
 class Factors:
     """``ΔW = Σ_j up[:, j] ⊗ modes[0][j] ⊗ modes[1][j] ⊗ …`` with the scale folded into ``up``.
 
     One mode: matrix form, ``modes[0]`` is ``(R, I·K1·…·KN)`` (the flattened kernel).
     ``1 + N`` modes on a conv: CP form, ``modes = [V (R, I), P_1 (R, K1), …]``.
+    Tucker-2 form on a conv (``core`` set): ``ΔW = core ×₁ up ×₂ Vᵀ`` with ``up (O, r_o)``,
+    ``modes = [V (r_i, I)]``, ``core (r_o, r_i, K1, …, KN)``; its rank is ``max(r_o, r_i)``.
     """
 
     up: torch.Tensor
     modes: list[torch.Tensor]
+    core: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
+        if self.core is not None:
+            return max(self.up.shape[1], self.modes[0].shape[0])
         return self.up.shape[1]
 
     @property
     def is_cp(self) -> bool:
-        return len(self.modes) > 1
+        return self.core is None and len(self.modes) > 1
+
+    @property
+    def is_tucker(self) -> bool:
+        return self.core is not None
+
+    def detached(self) -> "Factors":
+        return Factors(self.up.detach(), [m.detach() for m in self.modes],
+                       None if self.core is None else self.core.detach())
 
     def flattened(self) -> "Factors":
-        """Matrix form: ``down_j = V_j ⊗ P_{1j} ⊗ … ⊗ P_{Nj}`` (row-major, as ``ΔW.reshape(O, -1)``)."""
+        """Matrix form: ``down_j = V_j ⊗ P_{1j} ⊗ … ⊗ P_{Nj}`` (row-major, as ``ΔW.reshape(O, -1)``);
+        Tucker-2: ``down[a, (i, k)] = Σ_b core[a, b, k] V[b, i]``."""
+        if self.core is not None:
+            return Factors(self.up, [tucker_flat_down(self.core, self.modes[0])])
         if not self.is_cp:
             return self
         down = self.modes[0]
@@ -53,7 +92,7 @@ class Factors:
         return (flat.up @ flat.modes[0]).reshape(tuple(shape))
 
     def scaled(self, c: float) -> "Factors":
-        return Factors(self.up * c, list(self.modes))
+        return Factors(self.up * c, list(self.modes), self.core)
 
     def padded(self, rank: int, fill_modes: bool = False, generator: torch.Generator | None = None) -> "Factors":
         """Append ``rank - R`` zero components (``up`` columns zero, so ``ΔW`` is unchanged).
@@ -66,6 +105,15 @@ class Factors:
             raise ValueError(f"cannot pad rank {self.rank} down to {rank}")
         if extra == 0:
             return self
+        if self.core is not None:  # mode ranks min(rank, O) and min(rank, I); zero-padded core
+            (O, r_o), (r_i, I) = self.up.shape, self.modes[0].shape
+            ro, ri = min(rank, O), min(rank, I)
+            core = self.core.new_zeros(ro, ri, *self.core.shape[2:])
+            core[:r_o, :r_i] = self.core
+            V = torch.cat([self.modes[0], self.modes[0].new_zeros(ri - r_i, I)], dim=0)
+            if fill_modes:
+                V[r_i:] = torch.randn(ri - r_i, I, generator=generator, dtype=V.dtype) / math.sqrt(I)
+            return Factors(torch.cat([self.up, self.up.new_zeros(O, ro - r_o)], dim=1), [V], core)
         up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], extra)], dim=1)
         modes = []
         for m in self.modes:
@@ -79,7 +127,12 @@ class Factors:
 
     @staticmethod
     def cat(parts: Sequence["Factors"]) -> "Factors":
-        if len({len(p.modes) for p in parts}) != 1:
+        """Concatenated components: the exact sum of the parts' increments (Tucker parts: block-diagonal
+        core; parts of different forms are flattened to the matrix form first)."""
+        if all(p.core is not None for p in parts):
+            up, core, V = tucker_block_diag([(p.up, p.core, p.modes[0]) for p in parts])
+            return Factors(up, [V], core)
+        if any(p.core is not None for p in parts) or len({len(p.modes) for p in parts}) != 1:
             parts = [p.flattened() for p in parts]
         up = torch.cat([p.up for p in parts], dim=1)
         modes = [torch.cat([p.modes[k] for p in parts], dim=0) for k in range(len(parts[0].modes))]
@@ -113,6 +166,32 @@ class FactorCodec:
 
     def max_rank(self, spec: LayerSpec) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def for_config(self, config: AdapterConfig) -> "FactorCodec":
+        """The codec for adapters built from ``config`` (a method whose conv layout is a config
+        field, e.g. LAVA's ``factorization``, returns the matching codec)."""
+        return self
+
+    def for_adapter(self, adapter) -> "FactorCodec":
+        """The codec for this adapter instance (see :meth:`for_config`)."""
+        return self
+
+    def to_native(self, factors: Factors, spec: LayerSpec) -> Factors | None:
+        """``factors`` in this codec's native form for the layer, or ``None`` if not exactly representable."""
+        if self.native_cp(spec) and spec.kernel_size:
+            if factors.is_cp and len(factors.modes) == 1 + len(spec.kernel_size):
+                return factors
+            return None
+        return factors.flattened()
+
+    def exact_form(self, factors: Factors, spec: LayerSpec) -> Factors:
+        """An exact re-factoring of a concatenation that fits the layer (default: unchanged)."""
+        return factors
+
+    def refit(self, target: torch.Tensor, rank: int, spec: LayerSpec) -> Factors | None:
+        """A native rank-``rank`` approximation of the dense ``target`` for ``"svd"`` combinations,
+        or ``None`` to use the generic one (truncated SVD / CP-ALS)."""
+        return None
 
 
 _CODECS: dict[str, FactorCodec] = {}
@@ -180,8 +259,4 @@ def adapter_factors(adapter) -> Factors | None:
 
 def to_native(factors: Factors, codec: FactorCodec, spec: LayerSpec) -> Factors | None:
     """``factors`` in the codec's native form for this layer, or ``None`` if not exactly representable."""
-    if codec.native_cp(spec) and spec.kernel_size:
-        if factors.is_cp and len(factors.modes) == 1 + len(spec.kernel_size):
-            return factors
-        return None
-    return factors.flattened()
+    return codec.to_native(factors, spec)

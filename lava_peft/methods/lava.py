@@ -43,6 +43,7 @@ from ..errors import LavaConfigError
 from .base import DeltaAdapter, LayerSpec, lowrank_factors, lowrank_forward
 from .factors import FactorCodec, Factors, register_factor_codec
 from .cp_conv import choose_conv_path, cp_conv_separable
+from . import tucker_conv as tucker
 
 
 @dataclass
@@ -55,6 +56,11 @@ class LavaConfig(AdapterConfig):
     built (:mod:`lava_peft.methods.cp_conv`); ``"auto"`` (default) — per layer and input
     shape, whichever the cost model in :func:`~lava_peft.methods.cp_conv.choose_conv_path`
     estimates cheaper.  It does not change results beyond floating-point rounding.
+
+    ``factorization`` (conv layers only): ``"cp"`` (default, the CP sum above) or ``"tucker"``
+    — Tucker-2, ``ΔW = s · core ×₁ U ×₂ Vᵀ`` with a dense ``(r_o, r_i, K…)`` core in rank space
+    (mode ranks ``min(r, O)``, ``min(r, I/g)``; ``r_o·O + r_i·I/g + r_o·r_i·ΠK`` parameters);
+    see :mod:`lava_peft.methods.tucker_conv`.  Linear layers are the same in both.
     """
 
     cli_help: ClassVar[str | None] = "LAVA: rank-1 components (CP on conv kernels) with an orthogonality regularizer"
@@ -71,6 +77,7 @@ class LavaConfig(AdapterConfig):
     init: str = "orthogonal"
     spatial_init: str = "gaussian"
     conv_path: str = "auto"
+    factorization: str = "cp"
 
     def __post_init__(self) -> None:
         if self.orth_factors is None:
@@ -90,6 +97,8 @@ class LavaConfig(AdapterConfig):
             raise LavaConfigError(f"LavaConfig.init must be 'orthogonal' or 'lora'; got {self.init!r}")
         if self.spatial_init not in ("gaussian", "uniform"):
             raise LavaConfigError(f"spatial_init must be 'gaussian' or 'uniform'; got {self.spatial_init!r}")
+        if self.factorization not in ("cp", "tucker"):
+            raise LavaConfigError(f"LavaConfig.factorization must be 'cp' or 'tucker'; got {self.factorization!r}")
         if self.conv_path not in ("auto", "weight", "separable"):
             raise LavaConfigError(f"conv_path must be 'auto', 'weight' or 'separable'; got {self.conv_path!r}")
 
@@ -143,15 +152,19 @@ class LavaAdapter(DeltaAdapter):
         super().__init__(spec, config, module_name)
         r, O, I = self.r, spec.out_dim, spec.in_dim
         self.orth_factors = config.orth_factors
+        self.tucker = spec.kind == "conv" and getattr(config, "factorization", "cp") == "tucker"
+        r_out, r_in = tucker.tucker_mode_ranks(spec, r) if self.tucker else (r, r)
         if config.init == "orthogonal":
-            self.lava_U = nn.Parameter(orthonormal_factor(O, r))
-            self.lava_V = nn.Parameter(torch.zeros(r, I))
+            self.lava_U = nn.Parameter(orthonormal_factor(O, r_out))
+            self.lava_V = nn.Parameter(torch.zeros(r_in, I))
         else:
-            self.lava_U = nn.Parameter(torch.zeros(O, r))
-            self.lava_V = nn.Parameter(torch.empty(r, I))
+            self.lava_U = nn.Parameter(torch.zeros(O, r_out))
+            self.lava_V = nn.Parameter(torch.empty(r_in, I))
             nn.init.kaiming_uniform_(self.lava_V, a=math.sqrt(5))
         self.lava_P = nn.ParameterList()
-        for k in spec.kernel_size:
+        if self.tucker:  # Tucker-2: a dense (r_o, r_i, K…) core instead of the spatial factors
+            self.lava_core = nn.Parameter(tucker.tucker_core_init(r_out, r_in, spec.kernel_size))
+        for k in spec.kernel_size if not self.tucker else ():
             if config.spatial_init == "uniform":
                 p = torch.full((r, k), 1.0 / math.sqrt(k))
             else:
@@ -171,7 +184,8 @@ class LavaAdapter(DeltaAdapter):
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
         r = config.rank_for(module_name)
-        limit = cls.max_rank_for(spec)
+        tucker_conv = spec.kind == "conv" and getattr(config, "factorization", "cp") == "tucker"
+        limit = tucker.tucker_max_rank(spec) if tucker_conv else cls.max_rank_for(spec)
         if r > limit:
             raise LavaConfigError(
                 f"LAVA rank r={r} is larger than allowed ({limit}) for {module_name} with weight "
@@ -179,6 +193,8 @@ class LavaAdapter(DeltaAdapter):
             )
 
     def delta_weight(self) -> torch.Tensor:
+        if self.tucker:
+            return tucker.tucker_delta(self.lava_U, self.lava_core, self.lava_V, self.scale)
         if self._equation is None:
             return (self.lava_U @ self.lava_V) * self.scale
         # CP sum as one GEMM: (s·U) @ [V ⊙ (P1 ⊗ … ⊗ PN)] -- equal to einsum(self._equation, ...)
@@ -198,6 +214,9 @@ class LavaAdapter(DeltaAdapter):
         if self.conv_path != "auto":
             return self.conv_path
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.tucker:
+            return tucker.choose_tucker_path(layer.base_layer, tuple(x.shape), *self.lava_core.shape[:2], dtype,
+                                             x.device.type)
         return choose_conv_path(layer.base_layer, tuple(x.shape), self.r, dtype, x.device.type)
 
     def uses_weight_path(self) -> bool:
@@ -218,6 +237,9 @@ class LavaAdapter(DeltaAdapter):
             if self.conv_path == "weight" and not self._dropout_active():
                 return super().forward(x, base_out, layer)  # weight path asked for but run separately
             x_in = self.dropout(x) if self._dropout_active() else x
+            if self.tucker:
+                return tucker.tucker_conv_chain(x_in, self.lava_U, self.lava_core, self.lava_V, self.scale,
+                                                layer.base_layer, base_out.dtype, base_out)
             return cp_conv_separable(x_in, self.lava_U, self.lava_V, list(self.lava_P), self.scale,
                                      layer.base_layer, base_out.dtype, base_out)
         return lowrank_forward(x, self.lava_V, self.lava_U, self.scale, self, base_out.dtype, base_out)
@@ -249,6 +271,9 @@ class LavaCodec(FactorCodec):
     svd_singular_values = "down"
 
     def read(self, adapter, scaled: bool = True) -> Factors:
+        if getattr(adapter, "tucker", False):
+            up = adapter.lava_U * adapter.scale if scaled else adapter.lava_U
+            return Factors(up, [adapter.lava_V], adapter.lava_core)
         modes = [adapter.lava_V]
         if adapter.spec.kind == "conv":
             modes += list(adapter.lava_P)
@@ -257,6 +282,13 @@ class LavaCodec(FactorCodec):
     def write(self, adapter, factors: Factors) -> None:
         adapter.lava_U.copy_(factors.up / adapter.scale)
         adapter.lava_V.copy_(factors.modes[0])
+        if getattr(adapter, "tucker", False):
+            if factors.up.shape != adapter.lava_U.shape or factors.modes[0].shape != adapter.lava_V.shape:
+                factors = factors.padded(adapter.r)
+                adapter.lava_U.copy_(factors.up / adapter.scale)
+                adapter.lava_V.copy_(factors.modes[0])
+            adapter.lava_core.copy_(factors.core)
+            return
         if adapter.spec.kind == "conv":
             for p, m in zip(adapter.lava_P, factors.modes[1:]):
                 p.copy_(m)
@@ -268,5 +300,49 @@ class LavaCodec(FactorCodec):
         return LavaAdapter.max_rank_for(spec)
 
 
+    def for_config(self, config) -> FactorCodec:
+        return LAVA_TUCKER_CODEC if getattr(config, "factorization", "cp") == "tucker" else self
+
+    def for_adapter(self, adapter) -> FactorCodec:
+        return LAVA_TUCKER_CODEC if getattr(adapter, "tucker", False) else self
+
+
+class LavaTuckerCodec(LavaCodec):
+    """LAVA with ``factorization="tucker"``: conv factors in Tucker-2 form (``Factors.core``).
+
+    ``"linear"`` combination concatenates the components (block-diagonal core) and re-factors
+    the modes whose rank would exceed their dimension by QR: exact at any total rank.  CP
+    inputs join with a superdiagonal core.  ``"svd"`` refits by truncated HOSVD."""
+
+    def native_cp(self, spec: LayerSpec) -> bool:
+        return False
+
+    def max_rank(self, spec: LayerSpec) -> int:
+        return tucker.tucker_max_rank(spec) if spec.kind == "conv" else LavaAdapter.max_rank_for(spec)
+
+    def to_native(self, factors: Factors, spec: LayerSpec) -> Factors | None:
+        if spec.kind != "conv":
+            return factors.flattened()
+        if factors.is_tucker:
+            return factors
+        if factors.is_cp:
+            up, core, V = tucker.tucker_from_cp(factors.up, factors.modes)
+            return Factors(up, [V], core)
+        return None
+
+    def exact_form(self, factors: Factors, spec: LayerSpec) -> Factors:
+        if not factors.is_tucker:
+            return factors
+        up, core, V = tucker.tucker_compress(factors.up, factors.core, factors.modes[0])
+        return Factors(up, [V], core)
+
+    def refit(self, target: torch.Tensor, rank: int, spec: LayerSpec) -> Factors | None:
+        if spec.kind != "conv":
+            return None
+        up, core, V = tucker.tucker_hosvd(target, *tucker.tucker_mode_ranks(spec, rank))
+        return Factors(up, [V], core)
+
+
+LAVA_TUCKER_CODEC = LavaTuckerCodec()
 register_method("lava", LavaConfig, LavaAdapter)
 register_factor_codec("lava", LavaCodec())

@@ -1,0 +1,164 @@
+"""The adapter variants of the LAVA-evidence benchmark (issue 18), each a function of the task.
+
+Every variant returns ``(model, info)`` where ``model`` is the adapted model and ``info``
+holds the rank and, optionally, ``lr_scale``: ``{parameter-name substring: factor}`` for
+per-factor learning rates.  Budgets: LoRA r = 8 on every target (alpha = 2r, rank capped at
+the layer's limit); LAVA CP and LAVA Tucker-2 at the rank whose total adapter count is
+closest to LoRA's (alpha = 2r, so the same scale 2 everywhere).
+
+Ablation variants change exactly one thing against ``lava`` (CP, U orthonormal, V = 0,
+spatial factors N(0, 1/k), λ = 0.1 on U):
+
+* ``lava_l0`` / ``lava_l001`` / ``lava_l1``: λ = 0 / 0.01 / 1;
+* ``lava_initlora``: LoRA's roles (V Kaiming-uniform, U = 0; λ then acts on Vᵀ);
+* ``lava_urand``: U Gaussian with std 1/√O (columns of unit norm on average, not orthogonal), V = 0;
+* ``lava_fold1x1``: on 1×1 convs the spatial factors are fixed to 1 and frozen (LAVA there
+  is then exactly LoRA's ``s·U V``);
+* ``lava_dwlora``: depthwise convs get LoRA-conv r = 8 (flattened ``O × K·K``) instead of CP;
+* ``lava_lrP``: the spatial factors ``P_k`` train at 0.1× the adapter lr.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import lava_peft as lp
+from lava_peft.inject import find_targets
+from lava_peft.layers import layer_ops
+from lava_peft.methods.lava import LavaAdapter
+from lava_peft.methods.tucker_conv import tucker_max_rank, tucker_params
+
+from .budget import lava_params, lora_params, rank_caps
+
+LORA_RANK = 8
+
+
+def _specs(model, targets, heads):
+    probe = lp.LoraConfig(r=LORA_RANK, target_modules=targets, modules_to_save=heads)
+    return [(n, layer_ops(m).spec(m)) for n, m in find_targets(model, probe)]
+
+
+def _lora_limit(spec) -> int:
+    return min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
+
+
+def _tucker_count(spec, r: int) -> int:
+    if spec.kind != "conv":
+        return lava_params(spec, r)
+    return tucker_params(spec, min(r, tucker_max_rank(spec)))
+
+
+def _matching_rank(specs, count_fn, budget: int) -> int:
+    best = None
+    for r in range(1, 513):
+        n = sum(count_fn(s, r) for _, s in specs)
+        if best is None or abs(n - budget) < abs(best[1] - budget):
+            best = (r, n)
+        if n > 1.5 * budget:
+            break
+    return best[0]
+
+
+def lora(task, targets, lam=None):
+    specs = _specs(task.model, targets, task.heads)
+    caps = rank_caps(specs, LORA_RANK, _lora_limit)
+    cfg = lp.LoraConfig(r=LORA_RANK, alpha=2 * LORA_RANK, target_modules=targets, modules_to_save=task.heads,
+                        rank_pattern=caps)
+    return lp.adapt(task.model, cfg), {"rank": LORA_RANK}
+
+
+def _lava(task, targets, factorization="cp", **fields):
+    specs = _specs(task.model, targets, task.heads)
+    budget = sum(lora_params(s, LORA_RANK) for _, s in specs)
+    if factorization == "tucker":
+        r = _matching_rank(specs, _tucker_count, budget)
+        caps = {}
+    else:
+        r = _matching_rank(specs, lava_params, budget)
+        caps = rank_caps(specs, r, LavaAdapter.max_rank_for)
+    fields.setdefault("orth_lambda", 0.1)
+    cfg = lp.LavaConfig(r=r, alpha=2 * r, target_modules=targets, modules_to_save=task.heads, rank_pattern=caps,
+                        factorization=factorization, **fields)
+    return lp.adapt(task.model, cfg), {"rank": r}
+
+
+def lava(task, targets):
+    return _lava(task, targets)
+
+
+def lava_tucker(task, targets):
+    return _lava(task, targets, factorization="tucker")
+
+
+def _lam(value):
+    return lambda task, targets: _lava(task, targets, orth_lambda=value)
+
+
+def lava_initlora(task, targets):
+    return _lava(task, targets, init="lora")
+
+
+def _lava_adapters(model):
+    return [a for _, a in model.adapter_layers("default")]
+
+
+def lava_urand(task, targets):
+    model, info = _lava(task, targets)
+    with torch.no_grad():
+        for a in _lava_adapters(model):
+            a.lava_U.normal_(0.0, 1.0 / math.sqrt(a.lava_U.shape[0]))
+    return model, info
+
+
+def lava_fold1x1(task, targets):
+    model, info = _lava(task, targets)
+    with torch.no_grad():
+        for a in _lava_adapters(model):
+            if a.spec.kind == "conv" and all(k == 1 for k in a.spec.kernel_size):
+                for p in a.lava_P:
+                    p.fill_(1.0)
+                    p.requires_grad_(False)
+    return model, info
+
+
+def lava_dwlora(task, targets):
+    """CP on every conv except the depthwise ones, LoRA r = 8 (flattened) there: two adapters, both active."""
+    model = task.model
+    specs = _specs(model, targets, task.heads)
+    depthwise = [n for n, s in specs if s.kind == "conv" and s.in_dim == 1]
+    dense = [n for n, s in specs if n not in depthwise]
+    budget = sum(lora_params(s, LORA_RANK) for _, s in specs)
+    budget -= sum(lora_params(s, LORA_RANK) for n, s in specs if n in depthwise)
+    r = _matching_rank([(n, s) for n, s in specs if n in dense], lava_params, budget)
+    caps = rank_caps([(n, s) for n, s in specs if n in dense], r, LavaAdapter.max_rank_for)
+    cfg = lp.LavaConfig(r=r, alpha=2 * r, target_modules=targets, modules_to_save=task.heads, rank_pattern=caps,
+                        orth_lambda=0.1)
+    adapted = lp.AdaptedModel(model)
+    adapted.commit(adapted.plan("default", cfg, target_names=dense))
+    lcfg = lp.LoraConfig(r=LORA_RANK, alpha=2 * LORA_RANK, target_modules=targets)
+    adapted.commit(adapted.plan("dw", lcfg, target_names=depthwise))
+    adapted.set_adapter(["default", "dw"])
+    return adapted, {"rank": r}
+
+
+def lava_lrP(task, targets):
+    model, info = _lava(task, targets)
+    info["lr_scale"] = {"lava_P": 0.1}
+    return model, info
+
+
+VARIANTS = {
+    "lora": lora, "lava": lava, "lava_tucker": lava_tucker,
+    "lava_l0": _lam(0.0), "lava_l001": _lam(0.01), "lava_l1": _lam(1.0),
+    "lava_initlora": lava_initlora, "lava_urand": lava_urand, "lava_fold1x1": lava_fold1x1,
+    "lava_dwlora": lava_dwlora, "lava_lrP": lava_lrP,
+}
+LABELS = {
+    "lora": "LoRA (flattened on convs)", "lava": "LAVA CP λ=0.1 (default)", "lava_tucker": "LAVA Tucker-2 λ=0.1",
+    "lava_l0": "LAVA CP λ=0", "lava_l001": "LAVA CP λ=0.01", "lava_l1": "LAVA CP λ=1",
+    "lava_initlora": "LAVA CP, LoRA roles (V random, U=0)", "lava_urand": "LAVA CP, U Gaussian (not orthonormal)",
+    "lava_fold1x1": "LAVA CP, 1×1 spatial factors fixed to 1", "lava_dwlora": "LAVA CP, LoRA on depthwise convs",
+    "lava_lrP": "LAVA CP, spatial factors at 0.1× lr",
+}
