@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lava_peft as lp
+from _files import drop_manifest
 import lava_peft.methods.lowbit  # noqa: F401  (registers "lowbit")
 from lava_peft.errors import AdapterFileError, LavaConfigError, LavaError
 from lava_peft.lowbit import (
@@ -439,6 +440,7 @@ def test_corrupt_packed_file_is_refused_before_the_model_changes(tmp_path):
     base = nn.Sequential(nn.Linear(8, 6))
     model = lp.adapt(copy.deepcopy(base), LowBitConfig(r=2, target_modules=["0"]))
     model.save_pretrained(tmp_path)
+    drop_manifest(tmp_path)  # a hand-edited folder: the method's own checks must refuse it
     path = tmp_path / "adapter_model.safetensors"
     good = load_file(str(path))
     for key, bad, match in [("0.lora_A.codes", good["0.lora_A.codes"].float(), "codes must be uint8"),
