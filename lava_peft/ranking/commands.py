@@ -111,10 +111,7 @@ def run(ns: argparse.Namespace, towers=None) -> int:
                            summary=not ns.quiet, overwrite=ns.overwrite,
                            run_info={"command": "lava rank", "glyphs": ns.glyphs})
     if not ns.no_plot:
-        pixels = _pixels(task.eval_images, ns.image_size)
-        scores = torch.cat([model.score(pixels[s:s + 64], task.eval_texts[s:s + 64]).cpu()
-                            for s in range(0, len(pixels), 64)]).numpy()
-        plot_ranking(task.eval_images, task.eval_targets, scores, out / "ranking.png",
+        plot_ranking(task.eval_images, task.eval_targets, result["eval_scores"].numpy(), out / "ranking.png",
                      title=f"{task.name} ({model.config.towers})")
     ev = result["eval"]
     keys = ("plcc", "srcc", "pairwise_accuracy", "mae")
@@ -123,12 +120,6 @@ def run(ns: argparse.Namespace, towers=None) -> int:
         print(f"lava rank {task.name}: {line}  ({time.perf_counter() - start:.0f}s; files in {out})")
         print(json.dumps({k: ev[k] for k in keys if k in ev}))
     return 0
-
-
-def _pixels(images, size: int) -> torch.Tensor:
-    from ..data import to_image_tensor
-
-    return to_image_tensor(images, size=size)
 
 
 def register(register_command) -> None:

@@ -37,7 +37,7 @@ from .loss import ranking_loss
 from .metrics import ranking_metrics
 from .tasks import RankingTask
 
-__all__ = ["RANKING_METRICS", "make_loss_fn", "make_compute_metrics", "prepare_split", "train_ranking"]
+__all__ = ["RANKING_METRICS", "make_loss_fn", "make_compute_metrics", "predict", "prepare_split", "train_ranking"]
 
 RANKING_METRICS = "ranking_metrics.json"
 
@@ -97,6 +97,21 @@ def make_compute_metrics(integer_targets: bool):
     return compute_metrics
 
 
+@torch.no_grad()
+def predict(model: RankingAdapter, data: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    """Scores ``[N]`` (eval mode, no pairs) of a split made by :func:`prepare_split`."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = {k: v for k, v in data.items() if k != "labels"}
+    n = len(next(iter(inputs.values())))
+    try:
+        return torch.cat([model(**{k: v[s:s + batch_size].to(device) for k, v in inputs.items()},
+                                with_pairs=False).scores.float().cpu() for s in range(0, n, batch_size)])
+    finally:
+        model.train(was)
+
+
 def _eval_batch_size(n: int, wanted: int) -> int:
     """An eval batch size that leaves no final batch of one image (pairs need two)."""
     size = wanted
@@ -112,7 +127,8 @@ def train_ranking(model: RankingAdapter, task: RankingTask, output_dir: str | os
                   run_info: dict | None = None) -> dict:
     """Train ``model`` on ``task``; write metrics, the adapter (``<out>/ranking_adapter``) and
     ``ranking_metrics.json``.  ``data``: precomputed ``(train, eval)`` from :func:`prepare_split`
-    (the benchmark reuses cached tower tokens across runs).  Returns ``{"eval": ..., "summary": ...}``."""
+    (the benchmark reuses cached tower tokens across runs).  Returns ``{"eval", "summary", "report",
+    "eval_scores"}`` (the final model's scores of the eval split)."""
     if batch_size < 2 and model.pair_head is not None:
         raise LavaConfigError(f"batch_size={batch_size}: the ranking branch needs at least 2 images per batch")
     out = Path(output_dir)
@@ -141,4 +157,4 @@ def train_ranking(model: RankingAdapter, task: RankingTask, output_dir: str | os
               "trainable_params": result["trainable_params"], "config": model.config.to_dict(), "seed": seed,
               "epochs": epochs, "batch_size": batch_size, "lr": lr}
     atomic_write_json(out / RANKING_METRICS, json.loads(json.dumps(report, default=float)))
-    return {"eval": final, "summary": result, "report": report}
+    return {"eval": final, "summary": result, "report": report, "eval_scores": predict(model, evals)}
