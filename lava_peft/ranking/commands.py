@@ -126,3 +126,23 @@ def register(register_command) -> None:
     """Add ``lava rank`` to the CLI registry (``lava_peft.cli.register_command``)."""
     register_command("rank", "train the ranking-aware adapter on a text-driven image ordering task",
                      add_arguments, run, description=DESCRIPTION)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lava_peft.ranking.commands ...``: the same as ``lava rank ...``."""
+    import sys
+
+    from ..errors import LavaError
+
+    parser = argparse.ArgumentParser(prog="lava rank", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    try:
+        return run(ns)
+    except LavaError as exc:
+        print(f"lava rank: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
