@@ -58,7 +58,22 @@ def parse_args(argv=None):
     p.add_argument("--fashion-mnist-dir", default=None)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--runs-dir", default="/tmp/lava-ranking-bench")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs in --runs-dir whose ranking_metrics.json has the same settings (resume after a crash)")
     return p.parse_args(argv)
+
+
+def reusable_run(run_dir: Path, model: RankingAdapter, args, seed: int) -> dict | None:
+    """The report of a finished run with exactly these settings, or None."""
+    path = run_dir / "ranking_metrics.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    same = (report.get("config") == model.config.to_dict() and report.get("seed") == seed and report.get("epochs") == args.epochs
+            and report.get("batch_size") == args.batch_size and report.get("lr") == args.lr
+            and report.get("eval", {}).get("samples") == args.n_eval and report.get("task") == args.task
+            and json.loads((run_dir / "summary.json").read_text()).get("train_samples") == args.n_train)
+    return report if same else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -82,6 +97,7 @@ def main(argv=None) -> int:
     feature_seconds = time.perf_counter() - t0
     widths = dict(image_width=image_tower.width, text_width=text_tower.width)
     del feature_model, image_tower, text_tower
+    reused = 0
     rows: dict[str, list[dict]] = {"linear probe (frozen MobileNetV2 features)": []}
     for seed in seeds:
         rows["linear probe (frozen MobileNetV2 features)"].append(
@@ -91,21 +107,26 @@ def main(argv=None) -> int:
         rows[name] = []
         for seed in seeds:
             torch.manual_seed(seed)
-            cfg = RankingConfig(width=args.width, prompts=args.prompts, **overrides)
+            cfg = RankingConfig(**{"width": args.width, "prompts": args.prompts, **overrides})
             model = RankingAdapter(None, None, cfg, **widths)
             run_dir = Path(args.runs_dir) / f"{name.replace(' ', '_').replace('+', 'plus').replace(',', '')}-s{seed}"
-            result = train_ranking(model, task, run_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                   seed=seed, data=(train, evals), progress=False, summary=False, overwrite=True)
-            ev = result["eval"]
-            rows[name].append({**{k: ev[k] for k in METRICS if k in ev}, "train_seconds": result["summary"]["train_seconds"],
-                               "trainable_params": result["summary"]["trainable_params"]})
+            report = reusable_run(run_dir, model, args, seed) if args.reuse else None
+            if report is None:
+                report = train_ranking(model, task, run_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       seed=seed, data=(train, evals), progress=False, summary=False,
+                                       overwrite=True)["report"]
+            else:
+                reused += 1
+            ev = report["eval"]
+            rows[name].append({**{k: ev[k] for k in METRICS if k in ev}, "train_seconds": report["train_seconds"],
+                               "trainable_params": report["trainable_params"]})
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {ev[k]:.4f}" for k in METRICS if k in ev), flush=True)
     summary = {name: {k: mean_std([r[k] for r in runs]) for k in (*METRICS, "train_seconds") if k in runs[0]}
                for name, runs in rows.items()}
     payload = {
         "command": command, "task": task.name, "towers": "MobileNetV2 (ImageNet) + MiniLM-L6: a MobileNet–MiniLM pair, not CLIP",
         "args": vars(args), "seeds": seeds, "feature_seconds": feature_seconds,
-        "wall_seconds": time.perf_counter() - t_start, "runs": rows, "summary": summary,
+        "wall_seconds": time.perf_counter() - t_start, "reused_runs": reused, "runs": rows, "summary": summary,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()},
         "versions": {"lava-peft": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -133,7 +154,9 @@ def render(p: dict) -> str:
         f"- machine: {p['machine']['platform']}, {p['machine']['cpus']} CPUs visible, torch threads "
         f"{p['machine']['torch_threads']}, load average at the end {tuple(round(x, 1) for x in p['machine']['load_average'])}",
         f"- versions: lava-peft {p['versions']['lava-peft']}, torch {p['versions']['torch']}, Python {p['versions']['python']}",
-        f"- wall time: {p['wall_seconds']:.0f} s",
+        f"- wall time: {p['wall_seconds']:.0f} s" + (f" ({p['reused_runs']} trained runs reused from an earlier invocation "
+                                                     "of the same command that stopped on a bug in this script)"
+                                                     if p.get("reused_runs") else ""),
         "",
         "| model | PLCC | SRCC | pairwise acc. | MAE | train s / run |",
         "|---|---|---|---|---|---|",

@@ -48,7 +48,8 @@ def plot_ranking(images: np.ndarray, targets, scores, out: str | os.PathLike, st
     ax.set_ylabel("predicted score")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    ax.set_title(title or f"eval: PLCC {plcc(scores, targets):.3f}, SRCC {srcc(scores, targets):.3f} (n={len(scores)})")
+    stats = f"PLCC {plcc(scores, targets):.3f}, SRCC {srcc(scores, targets):.3f} (n={len(scores)} eval images)"
+    ax.set_title(f"{title}: {stats}" if title else stats)
     order = np.argsort(scores, kind="stable")
     picks = order[np.linspace(0, len(order) - 1, strip).round().astype(int)]
     for k, idx in enumerate(picks):
