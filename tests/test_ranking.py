@@ -368,3 +368,17 @@ def test_rank_command_trains_writes_files_and_reports_reloadable_metrics(tmp_pat
     registered = {}
     commands.register(lambda name, *a, **k: registered.setdefault(name, (a, k)))
     assert "rank" in registered
+
+
+def test_benchmark_claim_verdicts_follow_the_seed_spread():
+    from benchmarks.ranking import render_claims
+
+    def row(srcc, std, mae):
+        return {"srcc": (srcc, std), "mae": (mae, 0.01)}
+
+    summary = {"+ ranking branch (attention)": row(0.90, 0.01, 0.30), "regression head only": row(0.85, 0.01, 0.40),
+               "+ ranking branch, no prompts": row(0.89, 0.01, 0.31), "+ mean-difference pair head": row(0.95, 0.01, 0.2)}
+    lines = render_claims(summary)
+    verdicts = [line.rsplit("|", 2)[-2].strip() for line in lines[4:]]
+    assert verdicts == ["reproduced (beyond seed spread)", "same direction, within seed spread: not established",
+                        "not reproduced"]
