@@ -29,9 +29,11 @@ from .commands.train import (  # noqa: F401  (the train helpers are part of this
 )
 from .errors import LavaError
 
-PLUGIN_MODULES: list[str] = []
-"""Modules imported (if they exist) before parsing; each may call :func:`register_command` (e.g. a team's
-``"lava_peft.bench.cli"`` once it exists)."""
+PLUGIN_MODULES: list[str] = [
+    "lava_peft.ranking.commands",     # lava rank
+]
+"""Modules imported (if they exist) before parsing; each either calls :func:`register_command` when
+imported or defines ``register(register_command)``, which is then called."""
 
 
 @dataclass
@@ -73,11 +75,14 @@ def __getattr__(name: str):
 def _load_plugins() -> None:
     for name in PLUGIN_MODULES:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
                 continue  # the plugin is not installed / not written yet
             raise
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(register_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import AdapterFileError
 from ..io import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from .adapter import RankingAdapter, RankingConfig
