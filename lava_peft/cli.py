@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .commands.user_train import USER_FLAG_OPTIONS, USER_TRAIN_OPTIONS, train_on_user_data, wants_user_data
 from .errors import LavaConfigError, LavaError
 
 PLUGIN_MODULES = ["lava_peft.bench.cli"]
@@ -95,6 +96,8 @@ FLAG_OPTIONS = {
     "resume": "continue the run in --out from its latest checkpoint",
     "no_progress": "no progress bars",
 }
+TRAIN_OPTIONS.update(USER_TRAIN_OPTIONS)  # your own data / --task causal-lm (commands/user_train.py)
+FLAG_OPTIONS.update(USER_FLAG_OPTIONS)
 ADAPTER_METHODS = ("lava", "lora", "shira", "sft", "dylora", "lowbit", "mosa")
 METHODS = (*ADAPTER_METHODS, "head", "full")
 DEFAULT_LR, SPARSE_DEFAULT_LR = 1e-3, 2e-2
@@ -285,6 +288,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     print(f"lava train: {threads} CPU thread(s) ({why})", flush=True)
     set_seed(opts["seed"])
+    if wants_user_data(opts):  # --data PATH or --task causal-lm
+        return train_on_user_data(opts, build_model_for)
     print(f"lava train: loading {opts['model']} and {opts['data']} ...", flush=True)
     task = build_task(opts["model"], opts["data"], n_train=opts["n_train"] or None, n_eval=opts["n_eval"] or None,
                       seed=opts["seed"], max_len=opts["max_len"], image_size=opts["image_size"])

@@ -1,0 +1,8 @@
+"""``lava`` subcommands and option sets that live outside ``cli.py`` (same level: the CLI).
+
+* :mod:`.user_train` — ``lava train --data PATH`` (your own table or image folder) and
+  ``lava train --task causal-lm`` (instruction / chat tuning of a causal LM);
+* :mod:`.generate` — ``lava generate``: text from a base model + one or more adapters.
+
+Nothing here imports :mod:`lava_peft.cli`; ``cli.py`` calls in.
+"""
