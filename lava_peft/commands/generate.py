@@ -145,13 +145,17 @@ def _prompt_ids(tok, item: dict, chat: bool) -> list[int]:
     return list(tok(item["prompt"], add_special_tokens=True)["input_ids"])
 
 
-def _sampling(ns, tok) -> dict:
+def _check_sampling(ns) -> None:
     if ns.max_new_tokens < 1 or ns.batch_size < 1 or ns.num_return_sequences < 1:
         raise LavaConfigError("--max-new-tokens, --batch-size and --num-return-sequences must be >= 1")
     if ns.temperature < 0 or not 0 < ns.top_p <= 1 or ns.top_k < 0:
         raise LavaConfigError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
     if ns.num_return_sequences > 1 and ns.temperature == 0:
         raise LavaConfigError("--num-return-sequences > 1 needs sampling: set --temperature > 0")
+
+
+def _sampling(ns, tok) -> dict:
+    _check_sampling(ns)
     kw = dict(max_new_tokens=ns.max_new_tokens, repetition_penalty=ns.repetition_penalty,
               num_return_sequences=ns.num_return_sequences, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if ns.temperature > 0:
@@ -236,8 +240,8 @@ def run(ns) -> int:
     adapters = parse_adapter_specs(ns.adapter)
     items = read_prompts(ns.prompt, ns.prompts)
     rows = assign_adapters(items, list(adapters), ns.use)
+    _check_sampling(ns)  # every option error before the model is loaded
     model, tok = load_model_and_adapters(ns.model, adapters)
-    _sampling(ns, tok)  # option errors before any generation
     results = generate_rows(model, tok, items, rows, ns)
     if ns.out:
         atomic_write_bytes(ns.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results).encode())

@@ -28,7 +28,7 @@ from .data import trim_padding
 from .lm_data import LmExample, encode_examples, to_packed, to_padded
 from .tasks import Task
 
-__all__ = ["CausalLmTask", "load_causal_lm", "build_causal_lm_task", "enable_memory_savers", "perplexity",
+__all__ = ["CausalLmTask", "load_causal_lm", "load_lm_tokenizer", "load_lm_weights", "build_causal_lm_task", "enable_memory_savers", "perplexity",
            "sample_generations", "token_nll"]
 
 
@@ -54,8 +54,12 @@ class CausalLmTask(Task):
 
 def load_causal_lm(path: str):
     """``(model, tokenizer)`` of a Hugging Face causal-LM directory (tokenizer: pad token = EOS if it has none)."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tok = load_lm_tokenizer(path)
+    return load_lm_weights(path), tok
+
+
+def _check_lm_dir(path: str) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
@@ -65,6 +69,14 @@ def load_causal_lm(path: str):
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise UserDataError(f"--model {path}: a {type(config).__name__} has no causal-LM head in transformers; "
                             "give a causal language model (Llama, Mistral, Qwen2, GPT-2, ...)")
+    return p
+
+
+def load_lm_tokenizer(path: str):
+    """The tokenizer of a causal-LM directory (checked first, so data errors come before loading weights)."""
+    from transformers import AutoTokenizer
+
+    p = _check_lm_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as exc:  # noqa: BLE001 - missing/corrupt tokenizer files raise several types
@@ -73,13 +85,25 @@ def load_causal_lm(path: str):
         if tok.eos_token_id is None:
             raise UserDataError(f"--model {path}: the tokenizer has neither a pad nor an EOS token; add one to it")
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm_weights(path: str) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` without transformers' progress bar and load report."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    p = _check_lm_dir(path)
     verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p))
+        return AutoModelForCausalLM.from_pretrained(str(p))
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return model, tok
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _take(examples: list, limit: int | None, seed: int) -> list:
@@ -98,7 +122,7 @@ def build_causal_lm_task(model: str, data: str, eval_data: str | None = None, *,
     table, heldout = read_split_tables(data)
     if eval_data:
         heldout = read_table(eval_data)
-    net, tok = load_causal_lm(model)
+    tok = load_lm_tokenizer(model)
     examples, stats = encode_examples(tok, table, max_len, completion_only, text_column)
     if heldout is None:
         train_idx, eval_idx = split_indices(len(examples), eval_split, seed, table.source)
@@ -108,6 +132,7 @@ def build_causal_lm_task(model: str, data: str, eval_data: str | None = None, *,
         held, held_stats = encode_examples(tok, heldout, max_len, completion_only, text_column)
         stats["eval_file"] = held_stats
     train, held = _take(train, n_train, seed), _take(held, n_eval, seed)
+    net = load_lm_weights(model)  # after every data check
     pad = tok.pad_token_id
     train_tensors = to_packed(train, pad, max_len) if pack else to_padded(train, pad)
     stats.update(data=str(data), eval_data=eval_data, packed=pack, completion_only=completion_only,
