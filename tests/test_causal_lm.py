@@ -18,7 +18,8 @@ from lava_peft import cli
 from lava_peft.commands import generate
 from lava_peft.data.user_files import UserDataError, read_table
 from lava_peft.train import classification_loss, default_forward
-from lava_peft.train.causal_lm import build_causal_lm_task, enable_memory_savers, load_causal_lm, perplexity, token_nll
+from lava_peft.train.causal_lm import (build_causal_lm_task, enable_memory_savers, is_checkpointing, load_causal_lm,
+                                       perplexity, token_nll)
 from lava_peft.train.data import IndexedData
 from lava_peft.train.lm_data import IGNORE, encode_examples, pack_rows, shifted_labels
 
@@ -153,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(lm_dir, tmp_path):
         task = build_causal_lm_task(lm_dir, data, eval_data=data)
         model = adapted(task.model)
         enable_memory_savers(model, gradient_checkpointing=checkpointing)
-        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        assert is_checkpointing(model) == checkpointing
         model.train()
         batch = IndexedData(task.train).batch([0, 1, 2, 3])
         classification_loss(default_forward(model, batch), batch["labels"]).backward()

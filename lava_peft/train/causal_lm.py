@@ -150,7 +150,17 @@ def enable_memory_savers(model: nn.Module, gradient_checkpointing: bool = True) 
     if getattr(base, "config", None) is not None:
         base.config.use_cache = False
     if gradient_checkpointing and getattr(base, "supports_gradient_checkpointing", False):
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = getattr(type(base), "is_activation_checkpointing", None)
+    return bool(base.is_activation_checkpointing if flag is not None else base.is_gradient_checkpointing)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
