@@ -291,14 +291,14 @@ def to_markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-train", dest="n_train", type=int, default=2000)
-    p.add_argument("--n-eval", dest="n_eval", type=int, default=400)
+    p.add_argument("--n-train", dest="n_train", type=int, default=1200)
+    p.add_argument("--n-eval", dest="n_eval", type=int, default=300)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--pretrain-steps", dest="pretrain_steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", dest="pretrain_steps", type=int, default=250)
     p.add_argument("--pretrain-batch", dest="pretrain_batch", type=int, default=16)
-    p.add_argument("--pretrain-seq", dest="pretrain_seq", type=int, default=128)
+    p.add_argument("--pretrain-seq", dest="pretrain_seq", type=int, default=96)
     p.add_argument("--pretrain-lr", dest="pretrain_lr", type=float, default=3e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--epochs", type=float, default=2.0)
