@@ -30,6 +30,7 @@ from .commands.train import (  # noqa: F401  (the train helpers are part of this
 from .errors import LavaError
 
 PLUGIN_MODULES: list[str] = [
+    "lava_peft.commands.generate",    # lava generate
     "lava_peft.ranking.commands",     # lava rank
 ]
 """Modules imported (if they exist) before parsing; each either calls :func:`register_command` when

@@ -312,3 +312,16 @@ def test_default_learning_rate_depends_on_the_method(tmp_path):
     assert cli.resolve_train_options(ns)["lr"] == 1e-3
     ns = cli.build_parser().parse_args(["train", "--method", "sft", "--lr", "0.005", "--out", str(tmp_path)])
     assert cli.resolve_train_options(ns)["lr"] == 0.005  # an explicit --lr wins
+
+
+def test_train_task_rank_forwards_to_lava_rank(monkeypatch, tmp_path):
+    """`lava train --task rank-count` is `lava rank`: the options a user gives reach the ranking run."""
+    from lava_peft.ranking import commands as ranking
+
+    seen = {}
+    monkeypatch.setattr(ranking, "run", lambda ns: seen.update(vars(ns)) or 0)
+    code = cli.main(["train", "--task", "rank-count", "--out", str(tmp_path / "r"), "--epochs", "2",
+                     "--n-train", "50", "--seed", "3"])
+    assert code == 0
+    assert (seen["task"], seen["epochs"], seen["n_train"], seen["seed"]) == ("rank-count", 2.0, 50, 3)
+    assert seen["n_eval"] == 400  # not given: lava rank's own default, not lava train's

@@ -106,7 +106,9 @@ def load_text_model(model: str, num_labels: int, dropout: float | None = None):
     transformers.utils.logging.disable_progress_bar()
     try:
         extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+        # a directory whose saved head has another class count gets a new head of the right size
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                 ignore_mismatched_sizes=True, **extra)
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
