@@ -55,11 +55,17 @@ def sample_inputs(model, tokenizer, seed_texts: Sequence[str], n: int, *, temper
     model.eval()
     out: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = getattr(model, "config", None)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1 << 30
+    keep = positions - max_new_tokens - 1  # prompt tokens that fit before the new ones (left-truncated)
+    if keep < 8:
+        raise TransferError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {positions} positions")
     while len(out) < n:
         k = min(batch_size, n - len(out))
         rows = [[tokenizer.eos_token_id] + tokenizer(few_shot_prompt(rng.sample(list(seed_texts), min(shots, len(seed_texts))), rng),
                                                           add_special_tokens=False)["input_ids"]
                 for _ in range(k)]
+        rows = [r if len(r) <= keep + 1 else r[:1] + r[-keep:] for r in rows]
         width = max(len(r) for r in rows)
         ids = torch.full((k, width), pad, dtype=torch.long)
         attn = torch.zeros((k, width), dtype=torch.long)

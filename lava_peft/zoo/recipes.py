@@ -55,8 +55,8 @@ class Recipe:
 
 _SMALL = [
     Recipe("llama-tiny", "llama", "unigram", 4096, hidden=128, layers=3, heads=4, intermediate=352, steps=500),
-    Recipe("llama-small", "llama", "unigram", 4096, hidden=160, layers=6, heads=5, intermediate=432, steps=400),
-    Recipe("gpt2-tiny", "gpt2", "bytebpe", 4096, hidden=160, layers=4, heads=4, steps=500),
+    Recipe("llama-small", "llama", "unigram", 4096, hidden=160, layers=6, heads=5, intermediate=432, batch_size=16, steps=300),
+    Recipe("gpt2-tiny", "gpt2", "bytebpe", 4096, hidden=160, layers=4, heads=4, batch_size=16, steps=350),
 ]
 _BIG = [
     Recipe("llama-tiny-big", "llama", "unigram", 8192, hidden=512, layers=8, heads=8, intermediate=1408,

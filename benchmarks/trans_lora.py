@@ -1,0 +1,143 @@
+"""Trans-LoRA on the zoo LMs: a within-family and a cross-family transfer, with the paper's ablation.
+
+For each seed and each pair (source -> target):
+
+* target zero-shot; source + adapter; target + transferred adapter (distilled on filtered
+  synthetic inputs = Trans-LoRA);
+* ablation by distillation inputs: the 5 seeds only, unfiltered synthetic inputs (the first
+  n candidates, whatever the discriminator said), random packaged text (lines of Hamlet,
+  speeches, debates, headlines: the stand-in for the paper's Wikipedia row), filtered
+  synthetic inputs;
+* upper bound: the target trained on the real data with the source's recipe.
+
+The source and discriminator stages do not depend on the target, so the second pair of a
+seed starts from a copy of the first pair's ``source/`` and ``discriminator/`` folders.
+Every stage is resumable: ``--report`` re-reads finished stages and writes
+``benchmarks/results/trans_lora.{md,json}``.  Pairs/seeds can run as separate processes.
+
+    python -m benchmarks.trans_lora --seeds 0 1 2 --pairs within cross --runs runs/trans_lora
+    python -m benchmarks.trans_lora --seeds 0 1 2 --runs runs/trans_lora --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lava_peft.transfer import DISTILL_INPUTS, TransferConfig, TransferRun, load_lm
+from lava_peft.zoo import cached_info
+
+PAIRS = {"within": ("llama-tiny", "llama-small"), "cross": ("llama-tiny", "gpt2-tiny")}
+ROWS = [("target_zero_shot", "target zero-shot"), ("source", "source + adapter"),
+        ("distill-seeds", "distill on the 5 seeds only"), ("distill-unfiltered", "distill on unfiltered synthetic"),
+        ("distill-random-text", "distill on random packaged text"),
+        ("distill-filtered", "distill on filtered synthetic (Trans-LoRA)"),
+        ("upper-bound", "upper bound: target trained on real data")]
+SETTINGS = dict(n_train=2000, n_test=500, n_synthetic=200, n_disc=250, source_epochs=2, disc_epochs=3,
+                distill_epochs=8, batch_size=8)
+
+
+def run_pair(pair: str, seed: int, runs: Path, settings: dict, progress: bool) -> dict:
+    source, target = PAIRS[pair]
+    out = runs / f"seed{seed}" / pair
+    for other in PAIRS:  # reuse the target-independent owner-side stages of another pair
+        donor = runs / f"seed{seed}" / other
+        for stage in ("source", "discriminator"):
+            if other != pair and (donor / stage / "stage.json").exists() and not (out / stage).exists():
+                shutil.copytree(donor / stage, out / stage)
+    cfg = TransferConfig(source=source, target=target, seed=seed, **settings)
+    job = TransferRun(cfg, out, lambda: load_lm(source), lambda: load_lm(target), progress=progress,
+                      log=lambda m: print(f"[{pair} seed {seed}] {m}", flush=True))
+    kd_mode = job.check_models()
+    res = {"source": job.stage_source(), "discriminator": job.stage_discriminator(),
+           "synthetic": job.stage_synthetic()}
+    for inputs in DISTILL_INPUTS:
+        res[f"distill-{inputs}"] = job.stage_distill(inputs)
+    res["upper-bound"] = job.stage_upper_bound()
+    res["target_zero_shot"] = job.stage_target_zero_shot()
+    res["kd_mode"] = kd_mode
+    return res
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(results: dict, seeds: list[int], args_line: str, wall: dict) -> tuple[dict, str]:
+    table: dict = {}
+    for pair, per_seed in results.items():
+        rows = {}
+        for key, _ in ROWS:
+            vals = [per_seed[s][key]["accuracy"] for s in seeds if s in per_seed]
+            rows[key] = {"per_seed": vals, "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1]}
+        syn = [per_seed[s]["synthetic"] for s in seeds if s in per_seed]
+        disc = [per_seed[s]["discriminator"]["held_out_accuracy"] for s in seeds if s in per_seed]
+        table[pair] = {"source": PAIRS[pair][0], "target": PAIRS[pair][1], "kd_mode": per_seed[seeds[0]]["kd_mode"],
+                       "rows": rows, "acceptance_rate": [x["acceptance_rate"] for x in syn],
+                       "discriminator_held_out_accuracy": disc}
+    zoo = {n: cached_info(n) for n in ("llama-tiny", "llama-small", "gpt2-tiny")}
+    payload = {"benchmark": "trans_lora", "command": args_line, "settings": SETTINGS, "seeds": seeds,
+               "results": table, "zoo": {n: {k: v[k] for k in ("held_out_perplexity", "parameters", "wall_seconds",
+                                                               "tokenizer")} for n, v in zoo.items() if v},
+               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads (2-core machine shared "
+                          "with other jobs)", "python": platform.python_version(), "torch": torch.__version__,
+               "wall_seconds_per_pair_seed": wall}
+    lines = ["# Trans-LoRA on the zoo LMs", "",
+             f"Command: `{args_line}`  ", f"Seeds: {seeds}; settings: {SETTINGS}  ",
+             f"Machine: {payload['machine']}; Python {payload['python']}, torch {payload['torch']}.", "",
+             "Accuracy on a label-balanced 500-snippet Rotten Tomatoes test set (by-movie split; chance = 50 %), "
+             "mean ± std over seeds (per-seed values in the JSON).", ""]
+    for pair, t in table.items():
+        lines += [f"## {pair}-family: {t['source']} -> {t['target']} (KD: {t['kd_mode']})", "",
+                  "| row | accuracy |", "|---|---|"]
+        for key, label in ROWS:
+            r = t["rows"][key]
+            lines.append(f"| {label} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} |")
+        lines += ["", f"Discriminator held-out accuracy (real vs source-generated): "
+                      f"{', '.join(f'{100 * a:.1f} %' for a in t['discriminator_held_out_accuracy'])}; "
+                      f"acceptance rate of target-generated candidates: "
+                      f"{', '.join(f'{100 * a:.1f} %' for a in t['acceptance_rate'])}.", ""]
+    return payload, "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--runs", default="runs/trans_lora", help="folder of the resumable run folders")
+    p.add_argument("--results", default="benchmarks/results", help="where trans_lora.{md,json} go")
+    p.add_argument("--report", action="store_true", help="write the results files (runs what is missing)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    results: dict = {pair: {} for pair in args.pairs}
+    wall = {}
+    for seed in args.seeds:
+        for pair in args.pairs:
+            t0 = time.time()
+            results[pair][seed] = run_pair(pair, seed, runs, SETTINGS, not args.no_progress)
+            wall[f"{pair}/seed{seed}"] = round(sum(v.get("seconds", 0) for v in results[pair][seed].values()
+                                                   if isinstance(v, dict)), 1)
+            print(f"{pair} seed {seed}: done ({time.time() - t0:.0f}s in this invocation)", flush=True)
+    if args.report:
+        line = "python -m benchmarks.trans_lora " + " ".join(sys.argv[1:] if argv is None else argv)
+        payload, md = report(results, args.seeds, line, wall)
+        out = Path(args.results)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "trans_lora.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out / "trans_lora.md").write_text(md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
