@@ -42,8 +42,7 @@ ROWS = [("target_zero_shot", "target zero-shot"), ("source", "source + adapter")
         ("distill-random-text", "distill on random packaged text"),
         ("distill-filtered", "distill on filtered synthetic (Trans-LoRA)"),
         ("upper-bound", "upper bound: target trained on real data")]
-SETTINGS = dict(n_train=2000, n_test=500, n_synthetic=200, n_disc=250, source_epochs=2, disc_epochs=3,
-                distill_epochs=8, batch_size=8)
+SETTINGS: dict = {}  # the TransferConfig defaults (sized for a 2-core CPU); overrides go here
 
 
 def run_pair(pair: str, seed: int, runs: Path, settings: dict, progress: bool) -> dict:
@@ -84,17 +83,18 @@ def report(results: dict, seeds: list[int], args_line: str, wall: dict) -> tuple
         table[pair] = {"source": PAIRS[pair][0], "target": PAIRS[pair][1], "kd_mode": per_seed[seeds[0]]["kd_mode"],
                        "rows": rows, "acceptance_rate": [x["acceptance_rate"] for x in syn],
                        "discriminator_held_out_accuracy": disc}
+    cfg = {**dataclasses.asdict(TransferConfig()), **SETTINGS}
     zoo = {n: cached_info(n) for n in ("llama-tiny", "llama-small", "gpt2-tiny")}
-    payload = {"benchmark": "trans_lora", "command": args_line, "settings": SETTINGS, "seeds": seeds,
+    payload = {"benchmark": "trans_lora", "command": args_line, "settings": cfg, "seeds": seeds,
                "results": table, "zoo": {n: {k: v[k] for k in ("held_out_perplexity", "parameters", "wall_seconds",
                                                                "tokenizer")} for n, v in zoo.items() if v},
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads (2-core machine shared "
                           "with other jobs)", "python": platform.python_version(), "torch": torch.__version__,
                "wall_seconds_per_pair_seed": wall}
     lines = ["# Trans-LoRA on the zoo LMs", "",
-             f"Command: `{args_line}`  ", f"Seeds: {seeds}; settings: {SETTINGS}  ",
+             f"Command: `{args_line}`  ", f"Seeds: {seeds}; settings (TransferConfig): {cfg}  ",
              f"Machine: {payload['machine']}; Python {payload['python']}, torch {payload['torch']}.", "",
-             "Accuracy on a label-balanced 500-snippet Rotten Tomatoes test set (by-movie split; chance = 50 %), "
+             f"Accuracy on a label-balanced Rotten Tomatoes test set of {cfg['n_test']} snippets (by-movie split; chance = 50 %), "
              "mean ± std over seeds (per-seed values in the JSON).", ""]
     for pair, t in table.items():
         lines += [f"## {pair}-family: {t['source']} -> {t['target']} (KD: {t['kd_mode']})", "",

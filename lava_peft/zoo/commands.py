@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bigger", action="store_true", help="the GPU recipes instead of the CPU ones")
     parser.add_argument("--device", default="cpu", help="torch device for pretraining (default: cpu)")
     parser.add_argument("--force", action="store_true", help="retrain even when cached")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="cap each model's training wall time (stops early; the LR schedule decays within it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -48,9 +50,11 @@ def run(ns: argparse.Namespace) -> int:
         return 0
     names = ns.names or list(BIG_RECIPES if ns.bigger else SMALL_RECIPES)
     for name in names:
-        info = pretrain(name, device=ns.device, progress=not ns.no_progress, force=ns.force)
+        info = pretrain(name, device=ns.device, progress=not ns.no_progress, force=ns.force,
+                        max_minutes=ns.max_minutes)
         print(f"{name}: held-out perplexity {info['held_out_perplexity']:.2f} "
-              f"({info['parameters'] / 1e6:.2f}M parameters, trained in {info['wall_seconds']:.0f}s)")
+              f"({info['parameters'] / 1e6:.2f}M parameters, {info.get('steps_done', '?')} steps, "
+              f"trained in {info['wall_seconds']:.0f}s)")
     return 0
 
 

@@ -107,8 +107,15 @@ def cached_info(name: str) -> dict | None:
     return info if info.get("recipe_key") == recipe.key() else None
 
 
-def pretrain(name: str, device: str = "cpu", progress: bool = True, force: bool = False) -> dict:
-    """Pretrain zoo model ``name`` (unless cached and ``force`` is false); returns its ``zoo.json``."""
+def pretrain(name: str, device: str = "cpu", progress: bool = True, force: bool = False,
+             max_minutes: float | None = None) -> dict:
+    """Pretrain zoo model ``name`` (unless cached and ``force`` is false); returns its ``zoo.json``.
+
+    ``max_minutes`` caps the wall time: training stops after the step that crosses it
+    (``zoo.json`` then records ``steps_done < recipe.steps`` and ``time_limited``).  The
+    schedule follows ``progress = max(step / steps, elapsed / budget)``: linear warmup,
+    then cosine decay to 10 % of the peak, so a time-limited run still ends at a low rate.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -121,18 +128,24 @@ def pretrain(name: str, device: str = "cpu", progress: bool = True, force: bool 
     train, held = _blocks(tokenizer, train_texts, recipe.seq_len), _blocks(tokenizer, held_texts, recipe.seq_len)
     model = build_model(recipe, tokenizer).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95))
+    budget = None if max_minutes is None else 60.0 * max_minutes
+    t_train = time.time()
 
-    def lr_at(step: int) -> float:
+    def lr_factor(step: int) -> float:
         if step < recipe.warmup:
             return (step + 1) / recipe.warmup
         frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        if budget is not None:
+            frac = max(frac, (time.time() - t_train) / budget)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(recipe.seed)
     model.train()
     bar = tqdm(range(recipe.steps), desc=f"pretrain {name}", disable=not progress)
+    steps_done = 0
     for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * lr_factor(step)
         idx = torch.randint(len(train), (recipe.batch_size,), generator=gen)
         batch = train[idx].to(device)
         loss = model(input_ids=batch, labels=batch).loss
@@ -140,15 +153,19 @@ def pretrain(name: str, device: str = "cpu", progress: bool = True, force: bool 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
+        steps_done = step + 1
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if budget is not None and time.time() - t_train > budget:
+            break
+    bar.close()
     ppl = perplexity(model, held.to(device))
     model = model.cpu()
     info = {
         "name": name, "recipe": recipe.__dict__, "recipe_key": recipe.key(), "family": recipe.family,
         "tokenizer": recipe.tokenizer_id(), "held_out_perplexity": round(ppl, 3),
-        "held_out_tokens": int(held[:, 1:].numel()), "train_tokens": int(train.numel()),
+        "held_out_tokens": int(held[:, 1:].numel()), "steps_done": steps_done,
+        "time_limited": steps_done < recipe.steps, "tokens_seen": steps_done * recipe.batch_size * recipe.seq_len, "train_tokens": int(train.numel()),
         "parameters": sum(p.numel() for p in model.parameters()), "wall_seconds": round(time.time() - t0, 1),
         "device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
     }
@@ -184,4 +201,4 @@ def describe(name: str) -> str:
     if info is None:
         return f"{name:18s} not trained"
     return (f"{name:18s} {info['family']:6s} {info['parameters'] / 1e6:5.2f}M params  tokenizer {info['tokenizer']:13s} "
-            f"held-out ppl {info['held_out_perplexity']:8.2f}  trained in {info['wall_seconds']:.0f}s")
+            f"held-out ppl {info['held_out_perplexity']:8.2f}  {info.get('steps_done', '?')} steps in {info['wall_seconds']:.0f}s")

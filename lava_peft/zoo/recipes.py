@@ -54,8 +54,8 @@ class Recipe:
 
 
 _SMALL = [
-    Recipe("llama-tiny", "llama", "unigram", 4096, hidden=128, layers=3, heads=4, intermediate=352, steps=500),
-    Recipe("llama-small", "llama", "unigram", 4096, hidden=160, layers=6, heads=5, intermediate=432, batch_size=16, steps=300),
+    Recipe("llama-tiny", "llama", "unigram", 4096, hidden=128, layers=3, heads=4, intermediate=352, batch_size=16, steps=600),
+    Recipe("llama-small", "llama", "unigram", 4096, hidden=160, layers=4, heads=5, intermediate=432, batch_size=16, steps=250),
     Recipe("gpt2-tiny", "gpt2", "bytebpe", 4096, hidden=160, layers=4, heads=4, batch_size=16, steps=350),
 ]
 _BIG = [
