@@ -265,7 +265,7 @@ class TransferRun:
             write_jsonl(folder / "seeds.jsonl", [e._asdict() for e in seeds])
             model, tok = self.source
             wrap = self._wrapped("source")
-            wrap.add_adapter("task", adapter_config(cfg.source_method, cfg.r, cfg.alpha))
+            wrap.add_adapter("task", adapter_config(cfg.source_method, cfg.r, cfg.alpha, model))
             wrap.set_adapter("task")
             losses = self._supervised(wrap, tok, self.data.train, "source adapter")
             wrap.save_pretrained(str(folder / "adapter"), adapter_name="task")
@@ -301,7 +301,7 @@ class TransferRun:
             fake = [t for t in fake if t]
             write_jsonl(folder / "negatives.jsonl", [{"text": t} for t in fake])
             wrap = self._wrapped("source")
-            wrap.add_adapter("discriminator", adapter_config(cfg.source_method, cfg.r, cfg.alpha))
+            wrap.add_adapter("discriminator", adapter_config(cfg.source_method, cfg.r, cfg.alpha, self.source[0]))
             wrap.set_adapter("discriminator")
             report = train_discriminator(wrap, self.source[1], self.task.name, real, fake, epochs=cfg.disc_epochs,
                                          lr=cfg.disc_lr, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -364,7 +364,7 @@ class TransferRun:
             texts = self.distill_texts(inputs)
             teacher = self._adapter("source", "task", self.out / "source" / "adapter")
             wrap = self._wrapped("target")
-            wrap.add_adapter(name, adapter_config(cfg.target_method, cfg.r, cfg.alpha))
+            wrap.add_adapter(name, adapter_config(cfg.target_method, cfg.r, cfg.alpha, self.target[0]))
             wrap.set_adapter(name)
             report = distill(teacher, self.source[1], wrap, self.target[1], self.task, texts, mode=mode,
                              all_tokens=cfg.kd_all_tokens, temperature=cfg.kd_temperature, epochs=cfg.distill_epochs,
@@ -380,7 +380,8 @@ class TransferRun:
         """The target trained on the real data with the source's recipe (not a transfer: a ceiling)."""
         def work(folder: Path) -> dict:
             wrap = self._wrapped("target")
-            wrap.add_adapter("upper-bound", adapter_config(self.cfg.target_method, self.cfg.r, self.cfg.alpha))
+            wrap.add_adapter("upper-bound", adapter_config(self.cfg.target_method, self.cfg.r, self.cfg.alpha,
+                                                            self.target[0]))
             wrap.set_adapter("upper-bound")
             losses = self._supervised(wrap, self.target[1], self.data.train, "upper bound (target on real data)")
             wrap.save_pretrained(str(folder / "adapter"), adapter_name="upper-bound")

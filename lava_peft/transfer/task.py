@@ -135,8 +135,9 @@ def _balanced(pool: list[Example], n: int, rng: random.Random) -> list[Example]:
 
 def load_sentiment_data(n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Rotten Tomatoes by-movie split (``load_rotten_tomatoes(seed=0)``, the split the zoo LMs
-    were pretrained around); ``n_train`` training examples drawn with ``seed`` and a
-    label-balanced test set of ``n_test`` (fixed, seed 0), so chance accuracy is 50 %."""
+    were pretrained around): ``n_train`` label-balanced training examples drawn with ``seed``
+    and a label-balanced test set of ``n_test`` (fixed, seed 0), so chance accuracy is 50 %.
+    Balanced training keeps an adapter from scoring above chance on the class prior alone."""
     from ..data import load_rotten_tomatoes
 
     train, test = load_rotten_tomatoes(seed=0)
@@ -144,4 +145,4 @@ def load_sentiment_data(n_train: int, n_test: int, seed: int) -> tuple[list[Exam
     test_pool = [Example(s.text, s.label) for s in test]
     if n_train > len(train_pool) or n_test > len(test_pool):
         raise TransferError(f"n_train <= {len(train_pool)} and n_test <= {len(test_pool)} are available")
-    return random.Random(seed).sample(train_pool, n_train), _balanced(test_pool, n_test, random.Random(0))
+    return _balanced(train_pool, n_train, random.Random(seed)), _balanced(test_pool, n_test, random.Random(0))
