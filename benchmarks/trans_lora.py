@@ -71,7 +71,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def report(results: dict, seeds: list[int], args_line: str, wall: dict) -> tuple[dict, str]:
+def report(results: dict, seeds: list[int], args_line: str, wall: dict, runs_dir: Path) -> tuple[dict, str]:
     table: dict = {}
     for pair, per_seed in results.items():
         rows = {}
@@ -106,6 +106,32 @@ def report(results: dict, seeds: list[int], args_line: str, wall: dict) -> tuple
                       f"{', '.join(f'{100 * a:.1f} %' for a in t['discriminator_held_out_accuracy'])}; "
                       f"acceptance rate of target-generated candidates: "
                       f"{', '.join(f'{100 * a:.1f} %' for a in t['acceptance_rate'])}.", ""]
+    lines += ["## Do the paper's claims reproduce here?", ""]
+    for pair, t in table.items():
+        r = {k: v["mean"] for k, v in t["rows"].items()}
+        sd = {k: v["std"] for k, v in t["rows"].items()}
+        ge = r["distill-filtered"] >= r["source"] and r["distill-filtered"] >= r["target_zero_shot"]
+        fu = r["distill-filtered"] > r["distill-unfiltered"]
+        lines.append(f"* **{pair}-family**: transfer ≥ source and ≥ target zero-shot: **{'yes' if ge else 'no'}** "
+                     f"({100 * r['distill-filtered']:.1f} vs {100 * r['source']:.1f} and {100 * r['target_zero_shot']:.1f}); "
+                     f"filtered > unfiltered: **{'yes' if fu else 'no'}** ({100 * r['distill-filtered']:.1f} ± "
+                     f"{100 * sd['distill-filtered']:.1f} vs {100 * r['distill-unfiltered']:.1f} ± "
+                     f"{100 * sd['distill-unfiltered']:.1f}).")
+        if r["source"] < 0.55:
+            lines.append(f"  The source adapter itself scores {100 * r['source']:.1f} % (chance is 50 %), so there is "
+                         "no task skill to transfer: these comparisons are not evidence for or against the claims.")
+    examples = []
+    for pair in table:
+        first = runs_dir / f"seed{seeds[0]}" / pair / "synthetic"
+        if (first / "candidates.jsonl").exists():
+            cands = [json.loads(x) for x in (first / "candidates.jsonl").read_text().splitlines() if x.strip()]
+            acc = [c for c in cands if c["accepted"]][:3]
+            rej = [c for c in cands if not c["accepted"]][:3]
+            examples += [f"* {pair}, seed {seeds[0]}, target {PAIRS[pair][1]}:"]
+            examples += [f"  * accepted: `{c['text'][:150]}`" for c in acc]
+            examples += [f"  * rejected: `{c['text'][:150]}`" for c in rej]
+    if examples:
+        lines += ["", "## Synthetic inputs (first accepted / rejected candidates)", ""] + examples
     return payload, "\n".join(lines) + "\n"
 
 
@@ -130,7 +156,7 @@ def main(argv=None) -> int:
             print(f"{pair} seed {seed}: done ({time.time() - t0:.0f}s in this invocation)", flush=True)
     if args.report:
         line = "python -m benchmarks.trans_lora " + " ".join(sys.argv[1:] if argv is None else argv)
-        payload, md = report(results, args.seeds, line, wall)
+        payload, md = report(results, args.seeds, line, wall, runs)
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
         (out / "trans_lora.json").write_text(json.dumps(payload, indent=2) + "\n")
