@@ -349,7 +349,11 @@ class TransferRun:
         if inputs == "random-text":
             return random.Random(cfg.seed + 3).sample(self.data.other_texts, cfg.n_synthetic)
         records = read_jsonl(self.out / "synthetic" / ("accepted.jsonl" if inputs == "filtered" else "candidates.jsonl"))
-        return [r["text"] for r in records if r["text"]][: cfg.n_synthetic]
+        texts = [r["text"] for r in records if r["text"]][: cfg.n_synthetic]
+        if not texts:
+            raise TransferError(f"the synthetic stage in {self.out / 'synthetic'} kept no {inputs} inputs (see "
+                                "candidates.jsonl); raise --max-candidates or --temperature, or retrain the discriminator")
+        return texts
 
     def stage_distill(self, inputs: str | None = None) -> dict:
         """Distill teacher (source + task adapter) into a new adapter on the target."""
