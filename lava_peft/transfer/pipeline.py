@@ -426,5 +426,6 @@ class TransferRun:
         }
         if upper_bound:
             summary["accuracy"]["upper_bound_target_on_real_data"] = self.stage_upper_bound()["accuracy"]
+            summary["stage_seconds"] = {k: v.get("seconds") for k, v in self.results.items()}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
