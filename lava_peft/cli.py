@@ -32,6 +32,8 @@ from .errors import LavaError
 PLUGIN_MODULES: list[str] = [
     "lava_peft.commands.generate",    # lava generate
     "lava_peft.ranking.commands",     # lava rank
+    "lava_peft.transfer.commands",    # lava transfer
+    "lava_peft.zoo.commands",         # lava zoo
 ]
 """Modules imported (if they exist) before parsing; each either calls :func:`register_command` when
 imported or defines ``register(register_command)``, which is then called."""
