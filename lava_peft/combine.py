@@ -272,7 +272,7 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, d
         raise LavaConfigError(f"got {len(weights)} weights for {len(names)} adapters {names}; give one weight each")
     if not all(math.isfinite(w) for w in weights):
         raise LavaConfigError(f"weights must be finite; got {weights}")
-    model._check_new_name(adapter_name)
+    model.check_new_name(adapter_name)
     if combination_type not in COMBINATION_TYPES:
         raise LavaConfigError(f"combination_type={combination_type!r} is unknown; use one of {list(COMBINATION_TYPES)}")
     if combination_type in _DENSE_TYPES:

@@ -16,6 +16,7 @@ from typing import Any
 from ..config import config_class, method_hook, registered_methods
 from ..errors import LavaConfigError
 from .user_train import USER_FLAG_OPTIONS, USER_TRAIN_OPTIONS, train_on_user_data, wants_user_data
+from ._paths import check_out_dir_path
 
 # name -> (default, type, help).  A YAML/JSON config file uses the same names.  The methods'
 # own options (``cli_options`` of their configs) are added after these by :func:`train_options`.
@@ -126,9 +127,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 def read_config_file(path: str) -> dict:
     """A YAML/JSON mapping of train options; unknown keys are errors that suggest the right name."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise LavaConfigError(f"config file {path!r} does not exist")
-    text = file.read_text()
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise LavaConfigError(f"config file {path} cannot be read ({why}); give a readable YAML or JSON file") from None
     try:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
@@ -200,9 +205,7 @@ def _parse_targets(targets: str | None, default):
 def _check_out_dir(out: str, overwrite: bool, resume: bool) -> None:
     from ..train.checkpoint import RUN_OUTPUTS, RunDirError
 
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {out} is a file; give a directory")
+    path = check_out_dir_path(out)
     present = [n for n in RUN_OUTPUTS if (path / n).exists()]
     if present and not (overwrite or resume):
         raise RunDirError(f"--out {out} already holds a run ({', '.join(present)}); nothing was changed. "

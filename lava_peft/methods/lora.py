@@ -60,25 +60,31 @@ class LoraAdapter(DeltaAdapter):
                 f"{spec.canonical_shape}; lower r or set rank_pattern={{'{module_name}': {limit}}}"
             )
 
+    def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """``(B, [A], s)``: the stored factors (variants override this, see :class:`DeltaAdapter`)."""
+        return self.lora_B, [self.lora_A], self.scale
+
+    def delta_from_factors(self, up: torch.Tensor, modes: list[torch.Tensor], scale: float) -> torch.Tensor:
+        """``ΔW = s·up·down`` in the canonical layout (the flattened kernel reshaped on convs)."""
+        return (up @ modes[0]).view(self.spec.canonical_shape) * scale
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A).view(self.spec.canonical_shape) * self.scale
+        return self.delta_from_factors(*self.effective_factors())
 
     def linear_factors(self):
-        return lowrank_factors(self, self.lora_A, self.lora_B)
+        return lowrank_factors(self)
 
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":
             return super().forward(x, base_out, layer)
-        return lowrank_forward(x, self.lora_A, self.lora_B, self.scale, self, base_out.dtype, base_out)
+        up, modes, scale = self.effective_factors()
+        return lowrank_forward(x, modes[0], up, scale, self, base_out.dtype, base_out)
 
 
 class LoraCodec(FactorCodec):
     """LoRA's factor view: ``ΔW = s·B·A`` (flattened kernel on convs)."""
 
     svd_singular_values = "up"
-
-    def read(self, adapter, scaled: bool = True) -> Factors:
-        return Factors(adapter.lora_B * adapter.scale if scaled else adapter.lora_B, [adapter.lora_A])
 
     def write(self, adapter, factors: Factors) -> None:
         adapter.lora_B.copy_(factors.up / adapter.scale)
