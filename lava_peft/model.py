@@ -249,10 +249,11 @@ class AdaptedModel(nn.Module):
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "linear", **kwargs):
-        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (``linear``, ``svd``, ``ties``,
-        ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
-        and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
+                             combination_type: str = "exact_linear", **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum) or
+        one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``, ``dare_*``,
+        ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
+        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...)."""
         from .combine import add_weighted_adapter
 
         return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)

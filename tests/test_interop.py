@@ -119,7 +119,7 @@ def test_export_refuses_what_peft_cannot_represent(tmp_path):
         lp.export_peft(dilated, str(tmp_path / "d"), allow_rank_expansion=True)
     model = lp.adapt(nn.Sequential(nn.Linear(4, 4)), lp.LoraConfig(r=2, target_modules=["0"]), "a")
     model.add_adapter("b", lp.LoraConfig(r=2, target_modules=["0"]))
-    model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties", density=0.5)
+    model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties_svd", density=0.5, result_method="dense_delta")
     with pytest.raises(lp.LavaConfigError, match="dense_delta"):
         lp.export_peft(model, str(tmp_path / "t"), adapter_name="t")
     assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
