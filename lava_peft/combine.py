@@ -146,6 +146,13 @@ def add_weighted_adapter(
     names, weights = _check_arguments(model, adapters, weights, adapter_name, combination_type, density, svd_rank,
                                       svd_clamp, svd_driver, majority_sign_method, result_method)
     methods = [model.peft_config[n].method for n in names]
+    decomposed = sorted({n for n in names for _, layer in adapted_layers(model.model)
+                         if n in layer.adapters and not layer.adapters[n].merges_additively})
+    if decomposed:
+        raise LavaConfigError(
+            f"adapters {decomposed} are weight-decomposed (DoRA): their magnitude rescales W0 + ΔW per channel, which "
+            "no combination type can add up; combine plain LoRA/LAVA adapters, or merge_and_unload the DoRA one"
+        )
     codecs = [_CODECS.get(m) for m in methods]
     all_factored = all(c is not None for c in codecs)
     mode = _mode(combination_type, all_factored)

@@ -178,6 +178,7 @@ class AdaptedModel(nn.Module):
             spec = layer_ops(base).spec(base)
             adapter_cls.check_layer(spec, config, path)
             adapter = adapter_cls.for_layer(spec, config, path)
+            adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
