@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LavaConfigError
 from .base import _dropout_active
 from .factors import adapter_factors
 
@@ -80,6 +81,11 @@ class WeightDecomposed:
 
     def init_from_base(self, canonical_weight: torch.Tensor) -> None:
         """``m ← ‖W0 + ΔW‖_c`` (PEFT's initialisation; ``W' = W0`` when ``ΔW = 0``)."""
+        if not canonical_weight.is_floating_point():
+            raise LavaConfigError(
+                f"DoRA needs a floating-point base weight to normalise; this layer's weight is {canonical_weight.dtype} "
+                "(a quantized base); use use_dora=False there (exclude_modules) or a float base"
+            )
         with torch.no_grad():
             self.dora_magnitude.copy_(self.column_norm(canonical_weight))
 
