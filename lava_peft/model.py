@@ -180,6 +180,7 @@ class AdaptedModel(nn.Module):
             spec = layer_ops(base).spec(base)
             adapter_cls.check_layer(spec, config, path)
             adapter = adapter_cls.for_layer(spec, config, path)
+            adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -269,10 +270,11 @@ class AdaptedModel(nn.Module):
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "linear", **kwargs):
-        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (``linear``, ``svd``, ``ties``,
-        ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
-        and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
+                             combination_type: str = "exact_linear", **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum) or
+        one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``, ``dare_*``,
+        ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
+        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...)."""
         from .combine import add_weighted_adapter
 
         return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)

@@ -53,6 +53,9 @@ CONFIGS = {
     "lava_rslora_uniform": lambda: lp.LavaConfig(
         r=3, alpha=2, target_modules=["0"], use_rslora=True, spatial_init="uniform", rank_pattern={"0": 1}
     ),
+    # DoRA (weight-decomposed): magnitude ‖W0 + ΔW‖_c; on a conv LAVA the direction is W0 + a CP sum
+    "lora_dora": lambda: lp.LoraConfig(r=2, alpha=4, target_modules=["0"], use_dora=True),
+    "lava_dora_rslora": lambda: lp.LavaConfig(r=2, alpha=3, target_modules=["0"], use_dora=True, use_rslora=True),
     "dylora_lora": lambda: lp.DyLoraConfig(r=3, alpha=4, target_modules=["0"]),
     "dylora_lora_frozen_global": lambda: lp.DyLoraConfig(
         r=3, r_min=2, alpha=2, target_modules=["0"], update="frozen", rank_sampling="global", init="gaussian"

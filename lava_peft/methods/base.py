@@ -152,6 +152,18 @@ class DeltaAdapter(nn.Module):
         down, up, scale = factors
         return lowrank_linear(x, weight, bias, down, up, scale)
 
+    #: ``False`` for adapters whose merged weight is not ``W + ΔW`` (DoRA rescales it): the layer then
+    #: calls :meth:`merge_into_` instead of adding ``delta_weight()`` / fused factors.
+    merges_additively = True
+
+    def merge_into_(self, canonical_weight: torch.Tensor, alpha: float) -> None:
+        """Merge (``alpha=+1``) or unmerge (``-1``) into ``canonical_weight`` in place (non-additive adapters)."""
+        raise NotImplementedError  # pragma: no cover - only called when merges_additively is False
+
+    def init_from_base(self, canonical_weight: torch.Tensor) -> None:
+        """Called once when the adapter is planned, with the frozen base weight in the canonical layout
+        (read only); e.g. DoRA's magnitude ``‖W0‖_c``.  Default: nothing."""
+
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
 

@@ -43,6 +43,7 @@ from ..errors import LavaConfigError
 from .base import DeltaAdapter, LayerSpec, lowrank_factors, lowrank_forward
 from .factors import FactorCodec, Factors, register_factor_codec
 from .cp_conv import choose_conv_path, cp_conv_separable
+from .dora import WeightDecomposed
 
 
 @dataclass
@@ -71,6 +72,7 @@ class LavaConfig(AdapterConfig):
     init: str = "orthogonal"
     spatial_init: str = "gaussian"
     conv_path: str = "auto"
+    use_dora: bool = False  # DoRA on LAVA (conv: weight-decomposed CP); lava_peft/methods/dora.py
 
     def __post_init__(self) -> None:
         if self.orth_factors is None:
@@ -82,6 +84,8 @@ class LavaConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.use_dora, bool):
+            raise LavaConfigError(f"use_dora must be True or False; got {self.use_dora!r}")
         if self.orth_lambda < 0:
             raise LavaConfigError(f"orth_lambda must be >= 0; got {self.orth_lambda}")
         if self.orth_factors not in ("out", "in", "all"):
@@ -159,6 +163,12 @@ class LavaAdapter(DeltaAdapter):
             self.lava_P.append(nn.Parameter(p))
         self._equation = cp_einsum_equation(len(spec.kernel_size)) if spec.kind == "conv" else None
         self.conv_path = getattr(config, "conv_path", "auto")
+
+    @classmethod
+    def for_layer(cls, spec: LayerSpec, config, module_name: str) -> "LavaAdapter":
+        if getattr(config, "use_dora", False) and cls is LavaAdapter:
+            return DoraLavaAdapter(spec, config, module_name)
+        return cls(spec, config, module_name)
 
     @staticmethod
     def max_rank_for(spec: LayerSpec) -> int:
@@ -258,6 +268,18 @@ class LavaAdapter(DeltaAdapter):
         if type(self).regularization is not LavaAdapter.regularization:
             return None
         return self.regularized_factors()
+
+
+class DoraLavaAdapter(WeightDecomposed, LavaAdapter):
+    """LAVA with DoRA's magnitude (``use_dora=True``); on a conv the direction is ``W0 + CP sum`` and the
+    increment runs through the separable chain (``ΔW`` never built).  Maths: :mod:`lava_peft.methods.dora`."""
+
+    def __init__(self, spec: LayerSpec, config: LavaConfig, module_name: str):
+        super().__init__(spec, config, module_name)
+        self.init_dora()
+
+    def conv_increment(self, x, layer, dtype):
+        return cp_conv_separable(x, self.lava_U, self.lava_V, list(self.lava_P), self.scale, layer.base_layer, dtype)
 
 
 class LavaCodec(FactorCodec):

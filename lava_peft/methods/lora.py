@@ -20,6 +20,7 @@ from ..errors import LavaConfigError
 from .base import LayerSpec
 from .factors import FactorCodec, Factors, register_factor_codec
 from .base import DeltaAdapter, lowrank_factors, lowrank_forward
+from .dora import WeightDecomposed
 
 
 @dataclass
@@ -29,9 +30,12 @@ class LoraConfig(AdapterConfig):
     cli_help: ClassVar[str | None] = "LoRA (flattened kernels on convs)"
 
     init: str = "default"
+    use_dora: bool = False  # DoRA (weight-decomposed): lava_peft/methods/dora.py
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.use_dora, bool):
+            raise LavaConfigError(f"use_dora must be True or False; got {self.use_dora!r}")
         if self.init not in ("default", "gaussian"):
             raise LavaConfigError(f"LoraConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
 
@@ -49,6 +53,12 @@ class LoraAdapter(DeltaAdapter):
             nn.init.normal_(self.lora_A, std=1.0 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def for_layer(cls, spec: LayerSpec, config, module_name: str) -> "LoraAdapter":
+        if getattr(config, "use_dora", False) and cls is LoraAdapter:
+            return DoraLoraAdapter(spec, config, module_name)
+        return cls(spec, config, module_name)
 
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
@@ -79,6 +89,14 @@ class LoraAdapter(DeltaAdapter):
             return super().forward(x, base_out, layer)
         up, modes, scale = self.effective_factors()
         return lowrank_forward(x, modes[0], up, scale, self, base_out.dtype, base_out)
+
+
+class DoraLoraAdapter(WeightDecomposed, LoraAdapter):
+    """LoRA with DoRA's magnitude (``use_dora=True``); the maths is in :mod:`lava_peft.methods.dora`."""
+
+    def __init__(self, spec: LayerSpec, config: LoraConfig, module_name: str):
+        super().__init__(spec, config, module_name)
+        self.init_dora()
 
 
 class LoraCodec(FactorCodec):
