@@ -75,7 +75,14 @@ def wants_user_data(opts: dict) -> bool:
     opts = _defaults(opts)
     if opts["task"] not in TASKS:
         raise LavaConfigError(f"--task must be one of {TASKS}; got {opts['task']!r}")
-    return opts["task"] == "causal-lm" or opts["data"] not in PACKAGED_DATA
+    if opts["task"] == "causal-lm":
+        return True
+    if opts["data"] in PACKAGED_DATA:
+        return False
+    if not Path(opts["data"]).exists():
+        raise LavaConfigError(f"unknown data set {opts['data']!r}: that path does not exist, and it is not a packaged "
+                              f"data set ({', '.join(PACKAGED_DATA)}); check the path")
+    return True
 
 
 def build_task_from_user_data(opts: dict):
