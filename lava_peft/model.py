@@ -25,7 +25,7 @@ from .adapter_files import (  # noqa: F401  (SAVED_MARKER: re-exported)
     write_adapter_dir,
 )
 from .config import AdapterConfig, adapter_class, check_adapter_name
-from .errors import AdapterFileError, AdapterNameError, IncompatibleBaseModelError, LavaError
+from .errors import AdapterFileError, AdapterNameError, LavaError
 from .inject import (
     adapted_layers,
     find_modules_to_save,
@@ -33,7 +33,8 @@ from .inject import (
     saved_module_wrappers,
     set_submodule,
 )
-from .io import check_tensors_match, fingerprint
+from .fingerprint import base_fingerprint, check_base_fingerprint
+from .io import check_tensors_match
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 
 
@@ -140,7 +141,8 @@ class AdaptedModel(nn.Module):
     def active_adapter(self) -> str | None:
         return self._active[0] if self._active else None
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
+        """Refuse an invalid or taken adapter name (before anything is built or written)."""
         check_adapter_name(name, reserved=(BASE_NAME,))
         if name in self.peft_config:
             raise AdapterNameError(
@@ -165,7 +167,7 @@ class AdaptedModel(nn.Module):
         model is not touched.  Raises a :class:`LavaError` for anything that would fail."""
         if not isinstance(config, AdapterConfig):
             raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
-        self._check_new_name(name)
+        self.check_new_name(name)
         config.validate()
         adapter_cls = adapter_class(config.method)
         if target_names is None:
@@ -178,6 +180,7 @@ class AdaptedModel(nn.Module):
             spec = layer_ops(base).spec(base)
             adapter_cls.check_layer(spec, config, path)
             adapter = adapter_cls.for_layer(spec, config, path)
+            adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -222,6 +225,24 @@ class AdaptedModel(nn.Module):
         for layer in layers:
             layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
+    def replace_adapter(self, adapter_name: str, config: AdapterConfig, adapters: dict[str, nn.Module]) -> None:
+        """Give adapter ``adapter_name`` a new config and a new adapter per layer (``{module path: adapter}``,
+        exactly the layers that hold it now), keeping its active / merged / ``modules_to_save`` state;
+        its trainable flags are set as for any adapter.  For tools that convert an adapter in place into
+        an equivalent one (e.g. MoSA → plain LoRA/LAVA): a merged adapter's ``ΔW`` must not change.
+        Checked before anything changes."""
+        self.check_known(adapter_name)
+        held = {path for path, _ in self.adapter_layers(adapter_name)}
+        if set(adapters) != held:
+            missing, extra = sorted(held - set(adapters))[:3], sorted(set(adapters) - held)[:3]
+            raise AdapterNameError(f"replace_adapter({adapter_name!r}): give one adapter per layer holding it; "
+                                   f"missing {missing}, not holding it {extra}")
+        for path, layer in adapted_layers(self.model):
+            if path in adapters:
+                layer.adapters[adapter_name] = adapters[path]
+        self.peft_config[adapter_name] = config
+        self._apply_active(self._active)
+
     def _apply_active(self, names: list[str]) -> None:
         self._active = list(names)
         for _, layer in adapted_layers(self.model):
@@ -249,10 +270,11 @@ class AdaptedModel(nn.Module):
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "linear", **kwargs):
-        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (``linear``, ``svd``, ``ties``,
-        ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
-        and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
+                             combination_type: str = "exact_linear", **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum) or
+        one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``, ``dare_*``,
+        ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
+        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...)."""
         from .combine import add_weighted_adapter
 
         return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
@@ -455,13 +477,8 @@ class AdaptedModel(nn.Module):
         return state
 
     def base_fingerprint(self, adapter_name: str | None = None) -> dict:
-        name = adapter_name or self.active_adapter
-        shapes = {
-            path: list(layer.base_weight.shape)
-            for path, layer in adapted_layers(self.model)
-            if name in layer.adapters
-        }
-        return fingerprint(shapes)
+        """What a saved adapter records about its base layers: shapes and the sha256 of their weights."""
+        return base_fingerprint(self.model, adapter_name or self.active_adapter)
 
     def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
                         is_main_process: bool | None = None) -> None:
@@ -493,42 +510,24 @@ class AdaptedModel(nn.Module):
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
-    def _check_fingerprint(self, fp: dict, source: str) -> list[str]:
-        modules = fp.get("modules") if isinstance(fp, dict) else None
-        if not isinstance(modules, dict) or not modules:
-            raise AdapterFileError(f"{source} has no base_model_fingerprint.modules; the file is corrupt")
-        problems = []
-        for path, shape in modules.items():
-            try:
-                module = self.model.get_submodule(path)
-            except AttributeError:
-                problems.append(f"{path}: no such module in this base model")
-                continue
-            base = module.base_layer if isinstance(module, AdaptedLayer) else module
-            if layer_ops(base) is None:
-                problems.append(f"{path}: is a {type(base).__name__}, not an adaptable layer")
-            elif list(base.weight.shape) != list(shape):
-                problems.append(f"{path}: weight shape {list(base.weight.shape)} here, {list(shape)} in the adapter")
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-            raise IncompatibleBaseModelError(
-                f"the adapter in {source} was saved for a different base model: {shown}. "
-                "Load it into the base model it was trained on."
-            )
-        return list(modules)
+    def check_fingerprint(self, fp: dict, source: str, strict_base: bool = False) -> list[str]:
+        """Refuse (changing nothing) a base model that does not fit a saved ``base_model_fingerprint``: module
+        names and shapes, and with ``strict_base`` the weights' sha256; returns the adapted module paths."""
+        return check_base_fingerprint(self.model, fp, source, strict_base)
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_nonfinite: bool = False) -> None:
+                     allow_nonfinite: bool = False, strict_base: bool = False) -> None:
         """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it).
 
         Everything is checked before the model changes: the config's fields and types, the base
-        model's fingerprint, every tensor's key, shape and dtype, and that values are finite
-        (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
+        model's fingerprint (module names and weight shapes; with ``strict_base=True`` also the
+        sha256 of every targeted base weight's bytes), every tensor's key, shape and dtype, and that
+        values are finite (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
         """
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
-        self._check_new_name(adapter_name)
-        target_names = self._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+        self.check_new_name(adapter_name)
+        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base)
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config, target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
@@ -567,11 +566,13 @@ class AdaptedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-        allow_nonfinite: bool = False,
+        allow_nonfinite: bool = False, strict_base: bool = False,
     ) -> "AdaptedModel":
-        """Base model + saved adapter directory -> AdaptedModel with that adapter active."""
+        """Base model + saved adapter directory -> AdaptedModel with that adapter active (options as
+        :meth:`load_adapter`; ``strict_base=True`` also checks the base weights' sha256)."""
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite,
+                             strict_base=strict_base)
         wrapped.set_adapter(adapter_name)
         if not is_trainable:
             wrapped.eval()

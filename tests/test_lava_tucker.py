@@ -150,7 +150,7 @@ def test_tucker_linear_combination_is_exact_and_stays_tucker(conv):
     torch.manual_seed(0)
     model = _two_tucker_adapters(conv())
     d1, d2 = _adapter(model, "default").delta_weight(), _adapter(model, "b").delta_weight()
-    rep = model.add_weighted_adapter(["default", "b"], [0.7, -1.5], "mix", combination_type="linear")
+    rep = model.add_weighted_adapter(["default", "b"], [0.7, -1.5], "mix", combination_type="exact_linear")
     mix = _adapter(model, "mix")
     assert rep.method == "lava" and mix.tucker and model.peft_config["mix"].orth_lambda == 0.3
     torch.testing.assert_close(mix.delta_weight(), 0.7 * d1 - 1.5 * d2, rtol=1e-5, atol=1e-5)
@@ -172,11 +172,11 @@ def test_tucker_svd_combination_refits_by_hosvd_and_cp_mixes_are_exact():
     model.add_adapter("cp", lp.LavaConfig(r=2, alpha=2, target_modules="all-conv"))
     _randomize(model, "cp", 3)
     d3 = _adapter(model, "cp").delta_weight()
-    model.add_weighted_adapter(["default", "cp"], [1.0, 2.0], "tc", combination_type="linear")
+    model.add_weighted_adapter(["default", "cp"], [1.0, 2.0], "tc", combination_type="exact_linear")
     assert _adapter(model, "tc").tucker
     torch.testing.assert_close(_adapter(model, "tc").delta_weight(), d1 + 2 * d3, rtol=1e-5, atol=1e-5)
     # a CP first input cannot hold the Tucker part: the result is a LoRA (flattened), still exact
-    rep3 = model.add_weighted_adapter(["cp", "default"], [2.0, 1.0], "ct", combination_type="linear")
+    rep3 = model.add_weighted_adapter(["cp", "default"], [2.0, 1.0], "ct", combination_type="exact_linear")
     assert rep3.method == "lora"
     torch.testing.assert_close(_adapter(model, "ct").delta_weight(), d1 + 2 * d3, rtol=1e-5, atol=1e-5)
 
@@ -250,3 +250,80 @@ def test_gradient_variance_matches_hand_computation():
     assert set(res["layers"]["0"]["tensors"]) == {"lava_U", "lava_V", "lava_P.0", "lava_P.1"}
     with pytest.raises(LavaError, match="at least 2"):
         gradient_variance(model, batches[:1], loss_fn)
+
+
+# ------------------------------------------------------------------ merged with main: hook, DoRA, PEFT types
+def test_tucker_goes_through_effective_factors():
+    """The Tucker-2 view of the hook is ``(U, [V, core], s)``; ΔW, the chain and the codec's read all use it."""
+    from lava_peft.methods.factors import is_tucker_modes
+
+    torch.manual_seed(0)
+    model = lp.adapt(nn.Sequential(nn.Conv2d(6, 8, 3)), lp.LavaConfig(r=3, alpha=6, target_modules="all-conv",
+                                                                        factorization="tucker"))
+    _randomize(model)
+    a = _adapter(model)
+    up, modes, scale = a.effective_factors()
+    assert up is a.lava_U and modes[0] is a.lava_V and modes[1] is a.lava_core and scale == a.scale
+    assert is_tucker_modes(modes)
+    torch.testing.assert_close(a.delta_from_factors(up, modes, scale), _tucker_einsum(a))
+    f = factor_codec("lava").read(a)
+    assert f.is_tucker and torch.equal(f.core, a.lava_core)
+    torch.testing.assert_close(f.dense(a.spec.canonical_shape), _tucker_einsum(a), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,make,shape", [CONVS[0], CONVS[2], CONVS[4]], ids=[CONVS[i][0] for i in (0, 2, 4)])
+def test_dora_on_tucker_matches_the_weight_decomposed_formula(name, make, shape):
+    torch.manual_seed(0)
+    conv = make()
+    x = torch.randn(*shape)
+    base = make()
+    base.load_state_dict(conv.state_dict())
+    model = lp.adapt(nn.Sequential(base), lp.LavaConfig(r=3, alpha=6, target_modules="all-conv",
+                                                          factorization="tucker", use_dora=True))
+    a = _adapter(model)
+    torch.testing.assert_close(a.dora_magnitude, conv.weight.reshape(conv.weight.shape[0], -1).norm(dim=1))
+    _randomize(model)
+    w = conv.weight + _tucker_einsum(a)
+    ref_w = a.dora_magnitude.view(-1, *([1] * (w.dim() - 1))) * w / w.reshape(w.shape[0], -1).norm(dim=1).view(
+        -1, *([1] * (w.dim() - 1)))
+    ref = conv._conv_forward(x, ref_w, conv.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tucker_in_peft_combination_types():
+    """cat keeps the cores (exact); factor-wise types flatten to LoRA with PEFT's formula; svd_clamp gives LoRA."""
+    torch.manual_seed(0)
+    model = _two_tucker_adapters(nn.Conv2d(6, 8, 3))
+    model.add_adapter("c", lp.LavaConfig(r=3, alpha=3, target_modules="all-conv", factorization="tucker"))
+    _randomize(model, "c", 5)
+    d1, d2 = _adapter(model, "default").delta_weight(), _adapter(model, "b").delta_weight()
+    rep = model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "cat", combination_type="cat")
+    assert rep.method == "lava" and _adapter(model, "cat").tucker
+    torch.testing.assert_close(_adapter(model, "cat").delta_weight(), 0.5 * d1 + 2.0 * d2, rtol=1e-5, atol=1e-5)
+    # PEFT "linear" on equal ranks: A = Σ sgn(c)√|c| A_a, B = Σ √|c| B_a with the flattened Tucker factors
+    rep = model.add_weighted_adapter(["default", "c"], [0.5, -2.0], "lin", combination_type="linear")
+    assert rep.method == "lora"
+    ref_a = ref_b = 0
+    for n, w in (("default", 0.5), ("c", -2.0)):
+        a = _adapter(model, n)
+        down = torch.einsum("abkl,bi->aikl", a.lava_core, a.lava_V).reshape(a.lava_core.shape[0], -1)
+        c = w * a.scale
+        ref_a = ref_a + (abs(c) ** 0.5) * (1 if c >= 0 else -1) * down
+        ref_b = ref_b + (abs(c) ** 0.5) * a.lava_U
+    torch.testing.assert_close(_adapter(model, "lin").delta_weight().reshape(8, -1), ref_b @ ref_a,
+                               rtol=1e-4, atol=1e-4)
+    # ranks differ ("default" r=3, "b" r=2): refused, pointing to the exact types
+    with pytest.raises(LavaConfigError, match="equal ranks"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "bad", combination_type="linear")
+    # svd with PEFT's clamp: HOSVD cannot apply it, the result is a LoRA of rank svd_rank
+    rep = model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "clamp", combination_type="svd", svd_rank=5,
+                                     svd_clamp=1.0)
+    assert rep.method == "lora" and _adapter(model, "clamp").r == 5
+    u, s, vh = torch.linalg.svd((d1 + d2).reshape(8, -1).detach(), full_matrices=True)
+    up, down = u[:, :5] * s[:5], vh[:5]
+    high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 1.0)  # PEFT's clamp, written out
+    ref = up.clamp(-high, high) @ down.clamp(-high, high)
+    torch.testing.assert_close(_adapter(model, "clamp").delta_weight().reshape(8, -1), ref, rtol=1e-3, atol=1e-3)

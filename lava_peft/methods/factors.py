@@ -43,6 +43,12 @@ def tucker_block_diag(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return U, core, V
 
 
+def is_tucker_modes(modes: Sequence[torch.Tensor]) -> bool:
+    """True for the Tucker-2 form of :meth:`~.base.DeltaAdapter.effective_factors`, ``[V (r_i, I), core (r_o, r_i, K…)]``
+    (the core is the only factor with more than two dims; CP modes are all ``(R, ·)`` matrices)."""
+    return len(modes) == 2 and modes[1].dim() > 2
+
+
 @dataclass
 class Factors:
     """``ΔW = Σ_j up[:, j] ⊗ modes[0][j] ⊗ modes[1][j] ⊗ …`` with the scale folded into ``up``.
@@ -56,6 +62,13 @@ class Factors:
     up: torch.Tensor
     modes: list[torch.Tensor]
     core: torch.Tensor | None = None
+
+    @staticmethod
+    def from_modes(up: torch.Tensor, modes: Sequence[torch.Tensor]) -> "Factors":
+        """The :class:`Factors` of an ``effective_factors()`` view ``(up, modes)`` (Tucker: ``modes = [V, core]``)."""
+        if is_tucker_modes(modes):
+            return Factors(up, [modes[0]], modes[1])
+        return Factors(up, list(modes))
 
     @property
     def rank(self) -> int:
@@ -152,9 +165,12 @@ class FactorCodec:
     #: or ``"down"`` (``U`` orthonormal).
     svd_singular_values = "up"
 
-    def read(self, adapter, scaled: bool = True) -> Factors:  # pragma: no cover - abstract
-        """The factors; ``scaled=True`` folds the adapter's scale into ``up``, ``False`` gives the raw tensors."""
-        raise NotImplementedError
+    def read(self, adapter, scaled: bool = True) -> Factors:
+        """The factors; ``scaled=True`` folds the adapter's scale into ``up``, ``False`` gives the raw tensors.
+
+        By default the adapter's own factor view, :meth:`~.base.DeltaAdapter.effective_factors`."""
+        up, modes, scale = adapter.effective_factors()
+        return Factors.from_modes(up * scale if scaled else up, modes)
 
     def write(self, adapter, factors: Factors) -> None:  # pragma: no cover - abstract
         """Copy ``factors`` (native form, rank = adapter's rank) into the adapter in place."""
