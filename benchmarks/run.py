@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .harness import environment, run_interleaved, summarize, write_results
+from . import conv_scenarios  # noqa: F401  (registers cpu-conv)
 from .scenarios import SCENARIOS
 
 DEFAULTS = {  # (steps, warmup, repeats)
@@ -24,6 +25,7 @@ DEFAULTS = {  # (steps, warmup, repeats)
     "llm": (10, 5, 3),
     "llm-quant": (10, 5, 3),
     "cnn": (10, 5, 3),
+    "cpu-conv": (3, 1, 3),
 }
 
 

@@ -104,3 +104,13 @@ def test_ablation_stages_leave_the_fused_node_and_keep_the_function(stage):
     out = model(x)
     assert type(out.grad_fn).__name__ != "_LowRankLinearBackward"
     torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_conv_scenario_smoke(tmp_path):
+    """MobileNetV2 rows: PEFT adapts only the convs it accepts, our like-for-like row the same ones."""
+    data, _ = _run(tmp_path, "cpu-conv", "--image-size", "32", "--batch", "2", "--no-memory",
+                   "--variants", "frozen,peft-lora-conv,lava-lora-conv-peft-targets,lava-lora-conv,lava-conv")
+    rows = _check_rows(data, ["frozen", "peft-lora-conv", "lava-lora-conv-peft-targets", "lava-lora-conv", "lava-conv"])
+    assert rows["lava-lora-conv-peft-targets"]["trainable_params"] == rows["peft-lora-conv"]["trainable_params"]
+    assert rows["lava-lora-conv"]["trainable_params"] > rows["peft-lora-conv"]["trainable_params"]  # depthwise too
+    assert "rank is divisible by groups" in data["notes"][0] and "skips 17 depthwise convs" in data["notes"][0]

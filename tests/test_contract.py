@@ -48,6 +48,9 @@ LAYERS = {
 
 CONFIGS = {
     "lora": lambda: lp.LoraConfig(r=2, alpha=4, target_modules=["0"]),
+    # LoRA's two unmerged conv paths forced (the row above lets the cost model choose per layer)
+    "lora_conv_weight": lambda: lp.LoraConfig(r=2, alpha=4, target_modules=["0"], conv_path="weight"),
+    "lora_conv_factored": lambda: lp.LoraConfig(r=3, alpha=2, target_modules=["0"], conv_path="factored"),
     "lava": lambda: lp.LavaConfig(r=2, alpha=4, target_modules=["0"]),
     "lava_loranit_all": lambda: lp.LavaConfig(r=2, alpha=3, target_modules=["0"], init="lora", orth_factors="all"),
     "lava_rslora_uniform": lambda: lp.LavaConfig(

@@ -28,6 +28,20 @@ and ``∂y``:  the chain costs ``≈ 3·r·(N_in·I + N_out·g·ΠK + N_out·O)`
 ``∂x``, read-modify-write ``y``, read ``∂y`` twice).  :func:`choose_conv_path` turns
 both into time with a fixed per-device profile (MAC rate, memory bandwidth) and picks
 the cheaper: deterministic for given shapes, dtype and device type.
+
+LoRA's flattened kernel (``ΔW = s·B A``, ``A (r, I/g·ΠK)``, ``B (O, r)``) has the same kind
+of chain, the one HF PEFT runs (:func:`lowrank_conv_factored`):
+
+1. ``z = conv(x; A as (r, I/g, K1..KN))`` — ``I/g·ΠK → r`` per group, with the layer's
+   stride, dilation, padding and padding mode (``A`` repeated per group: ``r·g`` channels);
+2. ``y = conv1x1(z; s·B)`` — ``r → O`` (grouped: output channel ``o`` of group ``γ`` reads
+   the ``r`` channels of ``γ``), fused with the addition to the base output.
+
+Exact for any groups: ``ΔW[o, i, k] = s Σ_j B[o, j] A[j, i, k]`` only ever pairs an output
+channel with the input channels of its own group, which is what the grouped convs do.
+Its cost (the ``"factored"`` entry of :func:`conv_path_costs`): ``≈ 3·r·N_out·(I·ΠK + O)``
+MACs and ``≈ 5·N_in·I + 4·N_out·O + 6·g·r·N_out`` activation elements.
+:func:`choose_conv_path` takes the chain to compare with the weight path (``chain=``).
 """
 
 from __future__ import annotations
@@ -75,14 +89,21 @@ def conv_path_costs(batch: int, in_spatial, out_spatial, in_channels: int, out_c
     weight_bytes = elem_bytes * (n_in * in_channels + n_out * out_channels)
     sep_macs = 3 * r * (n_in * in_channels + n_out * groups * k_dw + n_out * out_channels)
     sep_bytes = elem_bytes * (5 * n_in * in_channels + 4 * n_out * out_channels + 6 * groups * r * (n_in + n_out))
+    fac_macs = 3 * r * n_out * (in_channels * kp + out_channels)
+    fac_bytes = elem_bytes * (5 * n_in * in_channels + 4 * n_out * out_channels + 6 * groups * r * n_out)
     return {
         "weight": weight_macs / macs_rate + weight_bytes / bw,
         "separable": sep_macs / macs_rate + sep_bytes / bw,
+        "factored": fac_macs / macs_rate + fac_bytes / bw,
     }
 
 
-def choose_conv_path(layer: torch.nn.Module, x_shape, r: int, dtype: torch.dtype, device_type: str) -> str:
-    """``"weight"`` or ``"separable"`` for this conv layer and input shape (pure function of shapes)."""
+def choose_conv_path(layer: torch.nn.Module, x_shape, r: int, dtype: torch.dtype, device_type: str,
+                     chain: str = "separable") -> str:
+    """``"weight"`` or ``chain`` for this conv layer and input shape (pure function of shapes).
+
+    ``chain`` is the weight path's alternative: ``"separable"`` (LAVA's CP chain) or ``"factored"``
+    (LoRA's two convs)."""
     weight = layer.weight
     n = weight.dim() - 2
     kernel = tuple(weight.shape[2:])
@@ -92,7 +113,7 @@ def choose_conv_path(layer: torch.nn.Module, x_shape, r: int, dtype: torch.dtype
     elem = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
     costs = conv_path_costs(batch, in_spatial, out_spatial, weight.shape[1] * layer.groups, weight.shape[0],
                             kernel, layer.groups, r, elem, device_type)
-    return "separable" if costs["separable"] < costs["weight"] else "weight"
+    return chain if costs[chain] < costs["weight"] else "weight"
 
 
 def _spatial_kernel(P: list[torch.Tensor]) -> torch.Tensor:
@@ -158,8 +179,18 @@ def cp_conv_separable(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, P: list
         comp_scale = None
 
     u = U * scale if comp_scale is None else U * (comp_scale * scale)
-    u = u.to(dtype)
-    out_ch = U.shape[0]
+    return _pointwise_up(w, u.to(dtype), base_out, g)
+
+
+def _pointwise_up(w: torch.Tensor, u: torch.Tensor, base_out: torch.Tensor | None, g: int) -> torch.Tensor:
+    """``base_out + conv1x1(w; u)`` (grouped by ``g``; the contribution alone without ``base_out``).
+
+    ``w (B, r·g, *S)``, ``u (O, r)`` already scaled and cast.  With ``base_out`` and ``g == 1`` it
+    is one GEMM with β = 1 (``addmm``/``baddbmm``); a channels-last base output gives a
+    channels-last result.
+    """
+    out_ch, r = u.shape
+    n = w.dim() - 2
     if base_out is not None and g == 1 and base_out.dtype == w.dtype:
         # last step as a GEMM with β = 1 on a 2-D/3-D view of the base output (out of place:
         # in place through a view would cost a CopySlices clone in the backward)
@@ -173,7 +204,32 @@ def cp_conv_separable(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, P: list
             b = base_out.shape[0]
             y = torch.baddbmm(base_out.view(b, out_ch, -1), u.unsqueeze(0).expand(b, out_ch, r), w.view(b, r, -1))
             return y.view(base_out.shape)
-    y = conv(w, u.reshape(out_ch, r, *ones), None, 1, 0, 1, g)
+    y = _CONV_FN[n](w, u.reshape(out_ch, r, *((1,) * n)), None, 1, 0, 1, g)
     if base_out is None:
         return y
     return base_out + y.to(base_out.dtype)
+
+
+def lowrank_conv_factored(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float,
+                          layer: torch.nn.Module, dtype: torch.dtype,
+                          base_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``base_out + conv(x, ΔW)`` (or the contribution alone) for ``ΔW = s·up·down`` on a flattened
+    kernel, as two convs (see the module docstring); ``ΔW`` is never built.
+
+    ``up (O, r)``, ``down (r, I/g·ΠK)``; ``layer`` supplies kernel size, stride, padding,
+    dilation, groups and padding mode.  Factors are cast to ``dtype``; activations are not.
+    """
+    weight = layer.weight
+    n = weight.dim() - 2
+    g = layer.groups
+    r = down.shape[0]
+    kernel_a = down.to(dtype).reshape(r, *weight.shape[1:])
+    if g > 1:
+        kernel_a = kernel_a.repeat(g, *([1] * (n + 1)))
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        pad = 0
+    else:
+        pad = layer.padding
+    z = _CONV_FN[n](x, kernel_a, None, layer.stride, pad, layer.dilation, g)
+    return _pointwise_up(z, (up * scale).to(dtype), base_out, g)

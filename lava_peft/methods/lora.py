@@ -1,9 +1,13 @@
 """LoRA (Hu et al., 2021): ``ΔW = s · B A`` with ``A ∈ R^{r×I}``, ``B ∈ R^{O×r}``, ``s = α/r``.
 
 On a convolution the kernel is flattened, as in HF PEFT: ``A`` is a kernel-sized conv
-``I/groups·K1·…·KN → r`` and ``B`` a 1×1 conv ``r → O``; here ``ΔW = s·(B A)`` is
-materialised with shape ``(O, I/groups, *K)`` and run as one conv (exact, handles
-groups/stride/dilation/padding).  Trainable parameters per conv: ``r·(I/groups·ΠK + O)``.
+``I/groups·K1·…·KN → r`` and ``B`` a 1×1 conv ``r → O``.  Trainable parameters per conv:
+``r·(I/groups·ΠK + O)``.  ``conv_path`` says how an unmerged conv runs (all exact):
+``"weight"`` — ``ΔW = s·(B A)`` materialised with shape ``(O, I/groups, *K)`` and one conv
+with ``W0 + ΔW``; ``"factored"`` — the base conv plus the two convs ``A`` then ``s·B``
+(:func:`~lava_peft.methods.cp_conv.lowrank_conv_factored`, grouped convs included);
+``"auto"`` (default) — per layer and input shape, the cheaper of the two by LAVA's cost
+model (:func:`~lava_peft.methods.cp_conv.choose_conv_path` with ``chain="factored"``).
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from ..config import AdapterConfig, register_method
 from ..errors import LavaConfigError
 from .base import LayerSpec
 from .factors import FactorCodec, Factors, register_factor_codec
-from .base import DeltaAdapter, lowrank_factors, lowrank_forward
+from .base import DeltaAdapter, _dropout_active, lowrank_factors, lowrank_forward
+from .cp_conv import choose_conv_path, lowrank_conv_factored
 from .dora import WeightDecomposed
+
+
+LORA_CONV_PATHS = ("auto", "weight", "factored")
 
 
 @dataclass
@@ -31,6 +39,7 @@ class LoraConfig(AdapterConfig):
 
     init: str = "default"
     use_dora: bool = False  # DoRA (weight-decomposed): lava_peft/methods/dora.py
+    conv_path: str = "auto"  # unmerged conv execution: "auto", "weight" or "factored" (module docstring)
 
     def validate(self) -> None:
         super().validate()
@@ -38,6 +47,8 @@ class LoraConfig(AdapterConfig):
             raise LavaConfigError(f"use_dora must be True or False; got {self.use_dora!r}")
         if self.init not in ("default", "gaussian"):
             raise LavaConfigError(f"LoraConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
+        if self.conv_path not in LORA_CONV_PATHS:
+            raise LavaConfigError(f"LoraConfig.conv_path must be one of {LORA_CONV_PATHS}; got {self.conv_path!r}")
 
 
 class LoraAdapter(DeltaAdapter):
@@ -53,6 +64,8 @@ class LoraAdapter(DeltaAdapter):
             nn.init.normal_(self.lora_A, std=1.0 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        path = getattr(config, "conv_path", None)  # variants' configs (DyLoRA, MoSA, low-bit) may lack it
+        self.conv_path = path if path in LORA_CONV_PATHS else "auto"
 
     @classmethod
     def for_layer(cls, spec: LayerSpec, config, module_name: str) -> "LoraAdapter":
@@ -84,9 +97,31 @@ class LoraAdapter(DeltaAdapter):
     def linear_factors(self):
         return lowrank_factors(self)
 
+    # -- conv execution path -------------------------------------------------------
+    def conv_path_for(self, x, layer) -> str:
+        """``"weight"`` or ``"factored"`` for this input (deterministic in shapes, dtype, device type)."""
+        if self.conv_path != "auto":
+            return self.conv_path
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return choose_conv_path(layer.base_layer, tuple(x.shape), self.r, dtype, x.device.type, chain="factored")
+
+    def uses_weight_path(self) -> bool:
+        """Without the input at hand: only ``conv_path="weight"`` commits to the weight path."""
+        return super().uses_weight_path() and self.conv_path == "weight"
+
+    def uses_weight_path_for(self, x, layer) -> bool:
+        """With the input: ``"auto"`` asks the cost model (active dropout forces the factored convs)."""
+        if not super().uses_weight_path():
+            return False
+        return self.conv_path_for(x, layer) == "weight"
+
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":
-            return super().forward(x, base_out, layer)
+            if self.conv_path == "weight" and not _dropout_active(self):
+                return super().forward(x, base_out, layer)  # weight path asked for but run separately
+            x_in = self.dropout(x) if _dropout_active(self) else x
+            up, modes, scale = self.effective_factors()
+            return lowrank_conv_factored(x_in, up, modes[0], scale, layer.base_layer, base_out.dtype, base_out)
         up, modes, scale = self.effective_factors()
         return lowrank_forward(x, modes[0], up, scale, self, base_out.dtype, base_out)
 
