@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--n-eval", type=int)
     ap.add_argument("--epochs", type=int)
+    ap.add_argument("--image-size", type=int, help="vision suites: input size in px (default 64)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--report", action="store_true", help="only rewrite evidence.md from the records")
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         print(f"wrote {write_report(out, load_runs(path))}")
         return 0
     s = SUITES[ns.suite]
-    for key in ("n_train", "n_eval", "epochs"):
+    for key in ("n_train", "n_eval", "epochs", "image_size"):
         if getattr(ns, key) is not None:
             setattr(s, key, getattr(ns, key))
     variants = ns.variants.split(",")
