@@ -216,6 +216,11 @@ class AdapterConfig:
         """Weight of the adapters' regularization term in the loss (0: none)."""
         return 0.0
 
+    def adapter_type(self) -> type:
+        """The adapter class this config builds: the registered one, unless a config chooses between
+        kinds (e.g. MoSA on a bottleneck adapter or on LoRA/LAVA factors) and overrides this."""
+        return adapter_class(self.method)
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 

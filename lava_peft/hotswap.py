@@ -43,7 +43,7 @@ from .methods.factors import Factors, _CODECS, method_of, to_native
 from .adapter_files import read_adapter_dir, split_saved_key
 from .config import adapter_class
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError, LavaError
-from .inject import adapted_layers, saved_module_wrappers
+from .inject import check_base_fingerprint, adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
 from .layers import AdaptedLayer, layer_ops
 
@@ -52,7 +52,7 @@ def load_off_model(model, model_id: str) -> tuple:
     """``(config, {path: adapter module}, tensors)`` for a saved adapter, built off-model and checked."""
     files = read_adapter_dir(model_id, load_tensors=False)
     config, directory = files.config, files.directory
-    paths = model._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+    paths = check_base_fingerprint(model.model, files.payload.get("base_model_fingerprint"), str(directory))
     tensors = files.read_tensors()
     cls = adapter_class(config.method)
     adapters = {}

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .config import compile_module_pattern
-from .errors import TargetModulesError, UnsupportedLayerError
+from .errors import AdapterFileError, IncompatibleBaseModelError, TargetModulesError, UnsupportedLayerError
 from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
+from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, module_signature, placement_selects
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls")
 """Last name components treated as an output head by ``"all-linear"``/``"all"``."""
@@ -155,7 +156,7 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
     module = model
     for part in parts[:-1]:
         module = getattr(module, part)
-        if isinstance(module, (AdaptedLayer, SavedModuleWrapper)):
+        if isinstance(module, (AdaptedLayer, SavedModuleWrapper, ModuleAdapterHost)):
             return True
     return False
 
@@ -183,13 +184,82 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def adapted_layers(model: nn.Module):
-    """``(name, AdaptedLayer)`` pairs, names as in the original model (no ``.base_layer``)."""
+    """``(name, host)`` pairs of every adapter host, names as in the original model (no ``.base_layer``):
+    :class:`AdaptedLayer` (weight adapters) and :class:`~lava_peft.module_layers.ModuleAdapterHost`
+    (module adapters, named by the module they transform)."""
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
+    yield from module_hosts(model)
+
+
+def find_module_targets(model: nn.Module, config, extra: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs a module adapter's config selects: a placement keyword
+    (:data:`~lava_peft.module_layers.PLACEMENTS`), or names/suffixes, ``type:`` entries and regexes as for
+    weight adapters — any module, not only layers; plus the names in ``extra`` (suffixes).  The
+    outermost match wins (a module inside a selected one is not selected again)."""
+    targets = config.target_modules
+    placement = targets if isinstance(targets, str) and targets in PLACEMENTS else None
+    save_names = config.modules_to_save or []
+    selected: list[tuple[str, nn.Module]] = []
+    for name, found in model.named_modules():
+        if not name or isinstance(found, (SavedModuleWrapper, ModuleAdapterHost)) or _inside_wrapper(model, name):
+            continue
+        module = found.base_layer if isinstance(found, AdaptedLayer) else found
+        hit = placement_selects(placement, name, module) if placement else name_matches(targets, name, module)
+        hit = hit or any(name == e or name.endswith("." + e) for e in extra or [])
+        if not hit or name_matches(config.exclude_modules, name, module, "exclude_modules"):
+            continue
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in save_names):
+            continue
+        if any(name.startswith(prev + ".") for prev, _ in selected):
+            continue
+        selected.append((name, found))
+    if not selected:
+        raise TargetModulesError(
+            f"target_modules={targets!r} matched no module. Use a placement keyword {list(PLACEMENTS)}, module "
+            f"names or suffixes (e.g. 'mlp', 'encoder.layer.0'), 'type:<ClassName>' entries or a regex"
+        )
+    return selected
 
 
 def saved_module_wrappers(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, SavedModuleWrapper):
             yield name, module
+
+
+def check_base_fingerprint(model: nn.Module, fp, source: str, module_kind: bool = False) -> list[str]:
+    """The module paths of a saved fingerprint, after checking that ``model`` has them with the same
+    shapes (weight adapters: the layer's weight shape; module adapters: ``[type, in, out]`` of
+    :func:`~lava_peft.module_layers.module_signature`).  Raises :class:`IncompatibleBaseModelError`."""
+    modules = fp.get("modules") if isinstance(fp, dict) else None
+    if not isinstance(modules, dict) or not modules:
+        raise AdapterFileError(f"{source} has no base_model_fingerprint.modules; the file is corrupt")
+    problems = []
+    for path, shape in modules.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            problems.append(f"{path}: no such module in this base model")
+            continue
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if module_kind:
+            try:
+                here = module_signature(base, path)
+            except UnsupportedLayerError as exc:
+                problems.append(str(exc))
+                continue
+            if here != list(shape):
+                problems.append(f"{path}: [type, in, out] = {here} here, {list(shape)} in the adapter")
+        elif layer_ops(base) is None:
+            problems.append(f"{path}: is a {type(base).__name__}, not an adaptable layer")
+        elif list(base.weight.shape) != list(shape):
+            problems.append(f"{path}: weight shape {list(base.weight.shape)} here, {list(shape)} in the adapter")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise IncompatibleBaseModelError(
+            f"the adapter in {source} was saved for a different base model: {shown}. "
+            "Load it into the base model it was trained on."
+        )
+    return list(modules)

@@ -24,10 +24,12 @@ from .adapter_files import (  # noqa: F401  (SAVED_MARKER: re-exported)
     saved_key,
     write_adapter_dir,
 )
-from .config import AdapterConfig, adapter_class, check_adapter_name
-from .errors import AdapterFileError, AdapterNameError, IncompatibleBaseModelError, LavaError
+from .config import AdapterConfig, check_adapter_name
+from .errors import AdapterFileError, AdapterNameError, LavaError
 from .inject import (
     adapted_layers,
+    check_base_fingerprint,
+    find_module_targets,
     find_modules_to_save,
     find_targets,
     saved_module_wrappers,
@@ -35,6 +37,8 @@ from .inject import (
 )
 from .io import check_tensors_match, fingerprint
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
+from .methods.base import ModuleAdapter
+from .module_layers import ModuleAdapterHost, host_of, module_spec, move_host
 
 
 @dataclass
@@ -167,17 +171,25 @@ class AdaptedModel(nn.Module):
             raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
         self._check_new_name(name)
         config.validate()
-        adapter_cls = adapter_class(config.method)
-        if target_names is None:
-            targets = find_targets(self.model, config)
-        else:
+        adapter_cls = config.adapter_type()
+        module_kind = issubclass(adapter_cls, ModuleAdapter)  # the second kind: transforms a module's output
+        if target_names is not None:
             targets = [(n, self.model.get_submodule(n)) for n in target_names]
+        elif module_kind:
+            targets = find_module_targets(self.model, config, adapter_cls.extra_targets(config))
+        else:
+            targets = find_targets(self.model, config)
         plan = AdapterPlan(name, config)
         for path, found in targets:
             base = found.base_layer if isinstance(found, AdaptedLayer) else found
-            spec = layer_ops(base).spec(base)
-            adapter_cls.check_layer(spec, config, path)
-            adapter = adapter_cls.for_layer(spec, config, path)
+            if module_kind:
+                spec = module_spec(base, path)
+                adapter_cls.check_module(spec, config, path)
+                adapter = adapter_cls.for_module(spec, config, path)
+            else:
+                spec = layer_ops(base).spec(base)
+                adapter_cls.check_layer(spec, config, path)
+                adapter = adapter_cls.for_layer(spec, config, path)
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -189,9 +201,12 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(False)
         for path, found, adapter in plan.layers:
             layer = found
-            if not isinstance(found, AdaptedLayer):
+            if isinstance(adapter, ModuleAdapter):
+                layer = host_of(found) or ModuleAdapterHost(found, adapter.spec)
+            elif not isinstance(found, AdaptedLayer):
                 layer = AdaptedLayer(found, layer_ops(found))
                 set_submodule(self.model, path, layer)
+                move_host(found, layer)  # module adapters on the layer keep their hook and path
             layer.add(plan.name, adapter)
         for path, found in plan.saved:
             wrapper = found
@@ -254,7 +269,11 @@ class AdaptedModel(nn.Module):
         ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
         and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
         from .combine import add_weighted_adapter
+        from .combine_modules import average_module_adapters, involves_module_adapters
 
+        if involves_module_adapters(self, self.check_known(adapters)):  # the second kind: parameter averaging
+            return average_module_adapters(self, list(adapters), [float(w) for w in weights], adapter_name,
+                                           combination_type)
         return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     def adapter_layers(self, adapter_name: str | None = None) -> list[tuple[str, nn.Module]]:
@@ -295,6 +314,8 @@ class AdaptedModel(nn.Module):
             todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
             if not todo:
                 continue
+            if isinstance(layer, ModuleAdapterHost):
+                raise LavaError(f"cannot merge {todo} at {path}: {layer.merge_refusal(todo)}")
             if is_quantized_linear(layer.base_layer):
                 raise LavaError(
                     f"{path} has a quantized base weight; merging {todo} into it would corrupt it. Keep the "
@@ -346,7 +367,7 @@ class AdaptedModel(nn.Module):
         else:
             self.unmerge_adapter()
         for path, layer in list(adapted_layers(self.model)):
-            set_submodule(self.model, path, layer.base_layer)
+            set_submodule(self.model, path, layer.release())
         for path, wrapper in list(saved_module_wrappers(self.model)):
             keep = wrapper.current() if merge else wrapper.original_module
             set_submodule(self.model, path, keep)
@@ -456,11 +477,7 @@ class AdaptedModel(nn.Module):
 
     def base_fingerprint(self, adapter_name: str | None = None) -> dict:
         name = adapter_name or self.active_adapter
-        shapes = {
-            path: list(layer.base_weight.shape)
-            for path, layer in adapted_layers(self.model)
-            if name in layer.adapters
-        }
+        shapes = {path: layer.fingerprint_shape() for path, layer in adapted_layers(self.model) if name in layer.adapters}
         return fingerprint(shapes)
 
     def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
@@ -493,30 +510,6 @@ class AdaptedModel(nn.Module):
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
-    def _check_fingerprint(self, fp: dict, source: str) -> list[str]:
-        modules = fp.get("modules") if isinstance(fp, dict) else None
-        if not isinstance(modules, dict) or not modules:
-            raise AdapterFileError(f"{source} has no base_model_fingerprint.modules; the file is corrupt")
-        problems = []
-        for path, shape in modules.items():
-            try:
-                module = self.model.get_submodule(path)
-            except AttributeError:
-                problems.append(f"{path}: no such module in this base model")
-                continue
-            base = module.base_layer if isinstance(module, AdaptedLayer) else module
-            if layer_ops(base) is None:
-                problems.append(f"{path}: is a {type(base).__name__}, not an adaptable layer")
-            elif list(base.weight.shape) != list(shape):
-                problems.append(f"{path}: weight shape {list(base.weight.shape)} here, {list(shape)} in the adapter")
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-            raise IncompatibleBaseModelError(
-                f"the adapter in {source} was saved for a different base model: {shown}. "
-                "Load it into the base model it was trained on."
-            )
-        return list(modules)
-
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
                      allow_nonfinite: bool = False) -> None:
         """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it).
@@ -528,7 +521,8 @@ class AdaptedModel(nn.Module):
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
         self._check_new_name(adapter_name)
-        target_names = self._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+        target_names = check_base_fingerprint(self.model, files.payload.get("base_model_fingerprint"), str(directory),
+                                              issubclass(config.adapter_type(), ModuleAdapter))
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config, target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
