@@ -74,10 +74,10 @@ CONFIGS = {
     ),
     # MoSA: modules drawn per training step; the zero-initialised LoRA up factor split "up" would leave
     # some tensors without gradient in the few steps of the contract, so LAVA (U non-zero) and "all" rows
-    "mosa_lava": lambda: lp.MosaConfig(r=2, alpha=4, target_modules=["0"], factorization="lava"),
-    "mosa_lora_all": lambda: lp.MosaConfig(r=2, alpha=4, target_modules=["0"], split="all", n_modules=2),
-    "mosa_lava_all_global": lambda: lp.MosaConfig(
-        r=2, alpha=4, target_modules=["0"], factorization="lava", split="all", n_modules=2, module_sampling="global",
+    "mosa_lava_split_u": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], factorization="lava",
+                                               split="up"),
+    "mosa_lora_all": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], split="all", n_modules=2),
+    "mosa_lava_all_global": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], factorization="lava", split="all", n_modules=2, module_sampling="global",
         orth_lambda=0.1, rescale=False
     ),
     "sft_random_l1": lambda: lp.SftConfig(density=0.3, mask_type="random", l1_lambda=0.1, target_modules=["0"]),
@@ -342,6 +342,10 @@ MODULE_CONFIGS = {
     "bi_adaptformer_1bit": lambda: lp.bi_adaptformer(r=3, dropout=0.0, target_modules=["0"]),
     "adaptformer_2bit_reference_latent": lambda: lp.AdaptFormerConfig(r=3, bits=2, codebook="reference",
                                                                       keep_latent=True, target_modules=["0"]),
+    # MoSA as in the reference: N copies of the split tensors, masked gradients, mean merge
+    "mosa_adaptformer": lambda: lp.MosaConfig(r=3, n_modules=2, target_modules=["0"]),
+    "mosa_houlsby_all_global": lambda: lp.MosaConfig(adapter="houlsby", r=2, n_modules=2, split="all",
+                                                     module_sampling="global", target_modules=["0"]),
 }
 
 MODULE_ROWS = [(m, host) for m in MODULE_CONFIGS for host in MODULE_HOSTS]
@@ -389,7 +393,7 @@ def test_module_adapter_trains_only_its_tensors_and_every_tensor_gets_gradients(
     assert {n for n, p in model.named_parameters() if p.requires_grad} == adapter_names and adapter_names
     assert sorted(n for n, _ in model.model.named_parameters() if n.startswith("0.") and ".lava_module" not in n) == \
         sorted("0." + n for n, _ in pristine[0].named_parameters())  # names inside the module unchanged
-    reached = _module_train(model, x, steps=4)
+    reached = _module_train(model, x, steps=10)  # MoSA: every copy is drawn at least once
     assert reached == adapter_names
     assert all(p.grad is None for n, p in model.named_parameters() if n not in adapter_names)
     model.eval()

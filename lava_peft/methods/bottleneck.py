@@ -195,6 +195,7 @@ class BottleneckAdapter(QuantizedTensors, ModuleAdapter):
         self.mode = config.mode
         self.reads_input = config.mode == "parallel"
         in_dim = spec.in_dim if self.reads_input else spec.out_dim
+        self.in_features = in_dim
         r = config.rank_for(module_name)
         self.r, self.scale = r, float(config.scale)
         self.activation = config.activation
@@ -243,10 +244,10 @@ class BottleneckAdapter(QuantizedTensors, ModuleAdapter):
         source = x if self.reads_input else out
         kind = self.spec.kind
         src = features_last(source, kind)
-        if src.shape[-1] != self.down_weight.shape[1] or (self.reads_input and source.shape[2:] != out.shape[2:]
+        if src.shape[-1] != self.in_features or (self.reads_input and source.shape[2:] != out.shape[2:]
                                                           and kind == "channels"):
             raise UnsupportedLayerError(
-                f"the {self.mode} adapter expects {self.down_weight.shape[1]} features"
+                f"the {self.mode} adapter expects {self.in_features} features"
                 f"{' at the output resolution' if kind == 'channels' else ''}, got a tensor of shape "
                 f"{tuple(source.shape)}; use mode='sequential' (adapts the output) or target another module")
         delta = features_back(self.bottleneck(src), kind)
