@@ -252,3 +252,22 @@ def test_modules_to_save_and_parameter_counts():
     trainable, _ = model.get_nb_trainable_parameters()
     per_layer = 4 * 16 + 4 + 16 * 4 + 16  # Down (r × 16) + d + Up (16 × r) + b
     assert trainable == 2 * per_layer + 16 * 3 + 3
+
+
+def test_scale_search_and_set_scale():
+    from lava_peft.tools.bottleneck import search_scale, set_scale
+
+    model = lp.adapt(tiny_gpt2(), lp.bi_adaptformer(r=4, dropout=0.0))
+    randomize_adapters(model)
+    ids = torch.randint(0, 60, (1, 5))
+    base = tiny_gpt2()
+    with torch.no_grad():
+        one = model(input_ids=ids).logits - base(input_ids=ids).logits
+        set_scale(model, 10.0)
+        ten = model(input_ids=ids).logits - base(input_ids=ids).logits
+    assert model.peft_config["default"].scale == 10.0
+    assert not torch.allclose(one, ten)
+    best, scores = search_scale(lambda s: -abs(math.log10(s) - 1.0))
+    assert best == 10.0 and list(scores) == [0.01, 0.1, 1.0, 10.0, 100.0]
+    with pytest.raises(LavaConfigError):
+        set_scale(model, float("inf"))

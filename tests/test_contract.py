@@ -72,6 +72,8 @@ CONFIGS = {
         r=2, alpha=3, bits=3, factorization="lava", factor_init="lora", quantize="up", keep_latent=True,
         orth_lambda=0.1, orth_factors="all", target_modules=["0"]
     ),
+    "lowbit_lora_5bit_reference_codebook": lambda: lp.LowBitConfig(r=2, alpha=4, bits=5, codebook="reference",
+                                                                    target_modules=["0"]),
     # MoSA: modules drawn per training step; the zero-initialised LoRA up factor split "up" would leave
     # some tensors without gradient in the few steps of the contract, so LAVA (U non-zero) and "all" rows
     "mosa_lava_split_u": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], factorization="lava",
