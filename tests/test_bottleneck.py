@@ -271,3 +271,16 @@ def test_scale_search_and_set_scale():
     assert best == 10.0 and list(scores) == [0.01, 0.1, 1.0, 10.0, 100.0]
     with pytest.raises(LavaConfigError):
         set_scale(model, float("inf"))
+
+
+def test_hotswap_fills_a_module_adapter_in_place(tmp_path):
+    source = lp.adapt(tiny_gpt2(), lp.AdaptFormerConfig(r=3))
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    target = lp.adapt(tiny_gpt2(), lp.AdaptFormerConfig(r=3))
+    pointers = [p.data_ptr() for p in target.parameters() if p.requires_grad]
+    lp.hotswap_adapter(target, str(tmp_path))
+    ids = torch.randint(0, 60, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(target(input_ids=ids).logits, source(input_ids=ids).logits)
+    assert pointers == [p.data_ptr() for p in target.parameters() if p.requires_grad]
