@@ -68,3 +68,12 @@ __all__ = [
     "prepare_model_for_compiled_hotswap",
     "register_factor_codec",
 ]
+
+
+def __getattr__(name: str):
+    """``lp.RankingAdapter`` / ``lp.RankingConfig`` without importing the ranking pipeline at start-up."""
+    if name in ("RankingAdapter", "RankingConfig"):
+        from . import ranking
+
+        return getattr(ranking, name)
+    raise AttributeError(f"module 'lava_peft' has no attribute {name!r}")

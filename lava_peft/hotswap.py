@@ -43,7 +43,7 @@ from .methods.factors import Factors, _CODECS, method_of, to_native
 from .adapter_files import read_adapter_dir, split_saved_key
 from .config import adapter_class
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError, LavaError
-from .inject import check_base_fingerprint, adapted_layers, saved_module_wrappers
+from .inject import adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
 from .layers import AdaptedLayer, layer_ops
 from .methods.base import ModuleAdapter
@@ -56,8 +56,8 @@ def load_off_model(model, model_id: str) -> tuple:
     config, directory = files.config, files.directory
     cls = config.adapter_type()
     module_kind = issubclass(cls, ModuleAdapter)  # the second kind: built from the module's spec
-    paths = check_base_fingerprint(model.model, files.payload.get("base_model_fingerprint"), str(directory),
-                                   module_kind)
+    paths = model.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory),
+                                    module_kind=module_kind)
     tensors = files.read_tensors()
     adapters = {}
     for path in paths:

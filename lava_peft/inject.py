@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .config import compile_module_pattern
-from .errors import AdapterFileError, IncompatibleBaseModelError, TargetModulesError, UnsupportedLayerError
+from .errors import TargetModulesError, UnsupportedLayerError
 from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
-from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, module_signature, placement_selects
+from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, placement_selects
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls")
 """Last name components treated as an output head by ``"all-linear"``/``"all"``."""
@@ -228,38 +228,3 @@ def saved_module_wrappers(model: nn.Module):
         if isinstance(module, SavedModuleWrapper):
             yield name, module
 
-
-def check_base_fingerprint(model: nn.Module, fp, source: str, module_kind: bool = False) -> list[str]:
-    """The module paths of a saved fingerprint, after checking that ``model`` has them with the same
-    shapes (weight adapters: the layer's weight shape; module adapters: ``[type, in, out]`` of
-    :func:`~lava_peft.module_layers.module_signature`).  Raises :class:`IncompatibleBaseModelError`."""
-    modules = fp.get("modules") if isinstance(fp, dict) else None
-    if not isinstance(modules, dict) or not modules:
-        raise AdapterFileError(f"{source} has no base_model_fingerprint.modules; the file is corrupt")
-    problems = []
-    for path, shape in modules.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            problems.append(f"{path}: no such module in this base model")
-            continue
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
-        if module_kind:
-            try:
-                here = module_signature(base, path)
-            except UnsupportedLayerError as exc:
-                problems.append(str(exc))
-                continue
-            if here != list(shape):
-                problems.append(f"{path}: [type, in, out] = {here} here, {list(shape)} in the adapter")
-        elif layer_ops(base) is None:
-            problems.append(f"{path}: is a {type(base).__name__}, not an adaptable layer")
-        elif list(base.weight.shape) != list(shape):
-            problems.append(f"{path}: weight shape {list(base.weight.shape)} here, {list(shape)} in the adapter")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise IncompatibleBaseModelError(
-            f"the adapter in {source} was saved for a different base model: {shown}. "
-            "Load it into the base model it was trained on."
-        )
-    return list(modules)

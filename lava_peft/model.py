@@ -28,16 +28,17 @@ from .config import AdapterConfig, check_adapter_name
 from .errors import AdapterFileError, AdapterNameError, LavaError
 from .inject import (
     adapted_layers,
-    check_base_fingerprint,
     find_module_targets,
     find_modules_to_save,
     find_targets,
     saved_module_wrappers,
     set_submodule,
 )
-from .io import check_tensors_match, fingerprint
+from .fingerprint import base_fingerprint, check_base_fingerprint
+from .io import check_tensors_match
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 from .methods.base import ModuleAdapter
+from .merge_checks import check_mergeable
 from .module_layers import ModuleAdapterHost, host_of, module_spec, move_host
 
 
@@ -144,7 +145,8 @@ class AdaptedModel(nn.Module):
     def active_adapter(self) -> str | None:
         return self._active[0] if self._active else None
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
+        """Refuse an invalid or taken adapter name (before anything is built or written)."""
         check_adapter_name(name, reserved=(BASE_NAME,))
         if name in self.peft_config:
             raise AdapterNameError(
@@ -169,7 +171,7 @@ class AdaptedModel(nn.Module):
         model is not touched.  Raises a :class:`LavaError` for anything that would fail."""
         if not isinstance(config, AdapterConfig):
             raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
-        self._check_new_name(name)
+        self.check_new_name(name)
         config.validate()
         adapter_cls = config.adapter_type()
         module_kind = issubclass(adapter_cls, ModuleAdapter)  # the second kind: transforms a module's output
@@ -190,6 +192,7 @@ class AdaptedModel(nn.Module):
                 spec = layer_ops(base).spec(base)
                 adapter_cls.check_layer(spec, config, path)
                 adapter = adapter_cls.for_layer(spec, config, path)
+                adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -237,6 +240,24 @@ class AdaptedModel(nn.Module):
         for layer in layers:
             layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
+    def replace_adapter(self, adapter_name: str, config: AdapterConfig, adapters: dict[str, nn.Module]) -> None:
+        """Give adapter ``adapter_name`` a new config and a new adapter per layer (``{module path: adapter}``,
+        exactly the layers that hold it now), keeping its active / merged / ``modules_to_save`` state;
+        its trainable flags are set as for any adapter.  For tools that convert an adapter in place into
+        an equivalent one (e.g. MoSA → plain LoRA/LAVA): a merged adapter's ``ΔW`` must not change.
+        Checked before anything changes."""
+        self.check_known(adapter_name)
+        held = {path for path, _ in self.adapter_layers(adapter_name)}
+        if set(adapters) != held:
+            missing, extra = sorted(held - set(adapters))[:3], sorted(set(adapters) - held)[:3]
+            raise AdapterNameError(f"replace_adapter({adapter_name!r}): give one adapter per layer holding it; "
+                                   f"missing {missing}, not holding it {extra}")
+        for path, layer in adapted_layers(self.model):
+            if path in adapters:
+                layer.adapters[adapter_name] = adapters[path]
+        self.peft_config[adapter_name] = config
+        self._apply_active(self._active)
+
     def _apply_active(self, names: list[str]) -> None:
         self._active = list(names)
         for _, layer in adapted_layers(self.model):
@@ -264,17 +285,19 @@ class AdaptedModel(nn.Module):
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "linear", **kwargs):
-        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (``linear``, ``svd``, ``ties``,
-        ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
-        and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
+                             combination_type: str | None = None, **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum; the
+        default) or one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``,
+        ``dare_*``, ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
+        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...).  Module
+        adapters: ``linear`` only, parameter averaging (the default for them; :mod:`lava_peft.combine_modules`)."""
         from .combine import add_weighted_adapter
         from .combine_modules import average_module_adapters, involves_module_adapters
 
         if involves_module_adapters(self, self.check_known(adapters)):  # the second kind: parameter averaging
             return average_module_adapters(self, list(adapters), [float(w) for w in weights], adapter_name,
-                                           combination_type)
-        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+                                           combination_type or "linear")
+        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type or "exact_linear", **kwargs)
 
     def adapter_layers(self, adapter_name: str | None = None) -> list[tuple[str, nn.Module]]:
         """``(module path, adapter module)`` for every layer hosting ``adapter_name``."""
@@ -302,33 +325,7 @@ class AdaptedModel(nn.Module):
         self.__dict__["_exact_unmerge"] = bool(value)
 
     def _check_mergeable(self, names: Sequence[str]) -> None:
-        """Refuse non-finite increments, and weights tied to another module (e.g. GPT-2's ``wte`` and
-        ``lm_head``: merging into one would change both), before any weight is modified."""
-        owners: dict[int, list[str]] = {}
-        for p_name, p in self.model.named_parameters(remove_duplicate=False):
-            if ".adapters." not in p_name and ".copies." not in p_name:
-                owners.setdefault(id(p), []).append(p_name)
-        from .quant import is_quantized_linear
-
-        for path, layer in adapted_layers(self.model):
-            todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
-            if not todo:
-                continue
-            if isinstance(layer, ModuleAdapterHost):
-                raise LavaError(f"cannot merge {todo} at {path}: {layer.merge_refusal(todo)}")
-            if is_quantized_linear(layer.base_layer):
-                raise LavaError(
-                    f"{path} has a quantized base weight; merging {todo} into it would corrupt it. Keep the "
-                    "adapter unmerged, or merge into a full-precision copy of the base model"
-                )
-            tied = [o for o in owners.get(id(layer.base_weight), []) if not o.startswith(f"{path}.base_layer.")]
-            if tied:
-                raise LavaError(
-                    f"the weight of {path} is tied to {tied}; merging {todo} would change those too. Keep the "
-                    "adapter unmerged, or untie the weights first (e.g. clone lm_head.weight)"
-                )
-            for n in todo:
-                layer._check_finite(n)
+        check_mergeable(self.model, names)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).
@@ -476,9 +473,8 @@ class AdaptedModel(nn.Module):
         return state
 
     def base_fingerprint(self, adapter_name: str | None = None) -> dict:
-        name = adapter_name or self.active_adapter
-        shapes = {path: layer.fingerprint_shape() for path, layer in adapted_layers(self.model) if name in layer.adapters}
-        return fingerprint(shapes)
+        """What a saved adapter records about its base layers: shapes and the sha256 of their weights."""
+        return base_fingerprint(self.model, adapter_name or self.active_adapter)
 
     def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
                         is_main_process: bool | None = None) -> None:
@@ -510,18 +506,25 @@ class AdaptedModel(nn.Module):
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
+    def check_fingerprint(self, fp: dict, source: str, strict_base: bool = False, module_kind: bool = False) -> list[str]:
+        """Refuse (changing nothing) a base model that does not fit a saved ``base_model_fingerprint``: module
+        names and shapes (``module_kind``: a module adapter's targets, ``[type, in, out]``), and with
+        ``strict_base`` the weights' sha256; returns the adapted module paths."""
+        return check_base_fingerprint(self.model, fp, source, strict_base, module_kind)
+
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_nonfinite: bool = False) -> None:
+                     allow_nonfinite: bool = False, strict_base: bool = False) -> None:
         """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it).
 
         Everything is checked before the model changes: the config's fields and types, the base
-        model's fingerprint, every tensor's key, shape and dtype, and that values are finite
-        (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
+        model's fingerprint (module names and weight shapes; with ``strict_base=True`` also the
+        sha256 of every targeted base weight's bytes), every tensor's key, shape and dtype, and that
+        values are finite (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
         """
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
-        self._check_new_name(adapter_name)
-        target_names = check_base_fingerprint(self.model, files.payload.get("base_model_fingerprint"), str(directory),
+        self.check_new_name(adapter_name)
+        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base,
                                               issubclass(config.adapter_type(), ModuleAdapter))
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config, target_names=target_names)
@@ -561,11 +564,13 @@ class AdaptedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-        allow_nonfinite: bool = False,
+        allow_nonfinite: bool = False, strict_base: bool = False,
     ) -> "AdaptedModel":
-        """Base model + saved adapter directory -> AdaptedModel with that adapter active."""
+        """Base model + saved adapter directory -> AdaptedModel with that adapter active (options as
+        :meth:`load_adapter`; ``strict_base=True`` also checks the base weights' sha256)."""
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite,
+                             strict_base=strict_base)
         wrapped.set_adapter(adapter_name)
         if not is_trainable:
             wrapped.eval()
