@@ -21,6 +21,7 @@ from .methods import DeltaAdapter, DyLoraConfig, LavaConfig, LoraConfig, LowBitC
 from .model import AdaptedModel, adapt
 from .train import Trainer, TrainingArguments, set_seed
 from .methods.dense_delta import DenseDeltaConfig
+from .methods.bottleneck import AdaptFormerConfig, HoulsbyConfig, PfeifferConfig, bi_adaptformer
 from .combine import COMBINATION_TYPES, CombinationReport, FactorCodec, register_factor_codec
 from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .interop import export_peft, import_peft
@@ -30,6 +31,10 @@ __all__ = [
     "AdaptedLayer",
     "AdaptedModel",
     "AdapterConfig",
+    "AdaptFormerConfig",
+    "HoulsbyConfig",
+    "PfeifferConfig",
+    "bi_adaptformer",
     "AdapterFileError",
     "AdapterNameError",
     "BASE_NAME",

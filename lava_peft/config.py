@@ -216,6 +216,11 @@ class AdapterConfig:
         """Weight of the adapters' regularization term in the loss (0: none)."""
         return 0.0
 
+    def adapter_type(self) -> type:
+        """The adapter class this config builds: the registered one, unless a config chooses between
+        kinds (e.g. MoSA on a bottleneck adapter or on LoRA/LAVA factors) and overrides this."""
+        return adapter_class(self.method)
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 
@@ -362,7 +367,11 @@ def _pattern_lookup(pattern: dict, module_name: str, default: Any) -> Any:
 
 
 FORMAT_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"lava": {"conv_path": "auto"}},
+    1: {"lava": {"conv_path": "auto"},
+        # MoSA files written before the bottleneck variant: the factor variant, its split of U/B
+        "mosa": {"adapter": "factors", "scale": None, "activation": None, "layer_norm": None, "bias": True,
+                 "mode": None, "dropout_position": "hidden"},
+        "lowbit": {"codebook": "exact"}},
 }
 """Explicit defaults, per format version and method, for config fields that files of that version
 may lack (fields added after the version was first written).  Any other missing field is an error:

@@ -46,19 +46,28 @@ from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigErro
 from .inject import adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
 from .layers import AdaptedLayer, layer_ops
+from .methods.base import ModuleAdapter
+from .module_layers import module_spec
 
 
 def load_off_model(model, model_id: str) -> tuple:
     """``(config, {path: adapter module}, tensors)`` for a saved adapter, built off-model and checked."""
     files = read_adapter_dir(model_id, load_tensors=False)
     config, directory = files.config, files.directory
-    paths = model.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+    cls = config.adapter_type()
+    module_kind = issubclass(cls, ModuleAdapter)  # the second kind: built from the module's spec
+    paths = model.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory),
+                                    module_kind=module_kind)
     tensors = files.read_tensors()
-    cls = adapter_class(config.method)
     adapters = {}
     for path in paths:
         found = model.model.get_submodule(path)
         base = found.base_layer if isinstance(found, AdaptedLayer) else found
+        if module_kind:
+            spec = module_spec(base, path)
+            cls.check_module(spec, config, path)
+            adapters[path] = cls.for_module(spec, config, path)
+            continue
         spec = layer_ops(base).spec(base)
         cls.check_layer(spec, config, path)
         adapters[path] = cls.for_layer(spec, config, path)

@@ -19,6 +19,7 @@ from torch import nn
 from .config import compile_module_pattern
 from .errors import TargetModulesError, UnsupportedLayerError
 from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
+from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, placement_selects
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls")
 """Last name components treated as an output head by ``"all-linear"``/``"all"``."""
@@ -155,7 +156,7 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
     module = model
     for part in parts[:-1]:
         module = getattr(module, part)
-        if isinstance(module, (AdaptedLayer, SavedModuleWrapper)):
+        if isinstance(module, (AdaptedLayer, SavedModuleWrapper, ModuleAdapterHost)):
             return True
     return False
 
@@ -183,13 +184,47 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def adapted_layers(model: nn.Module):
-    """``(name, AdaptedLayer)`` pairs, names as in the original model (no ``.base_layer``)."""
+    """``(name, host)`` pairs of every adapter host, names as in the original model (no ``.base_layer``):
+    :class:`AdaptedLayer` (weight adapters) and :class:`~lava_peft.module_layers.ModuleAdapterHost`
+    (module adapters, named by the module they transform)."""
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
+    yield from module_hosts(model)
+
+
+def find_module_targets(model: nn.Module, config, extra: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs a module adapter's config selects: a placement keyword
+    (:data:`~lava_peft.module_layers.PLACEMENTS`), or names/suffixes, ``type:`` entries and regexes as for
+    weight adapters — any module, not only layers; plus the names in ``extra`` (suffixes).  The
+    outermost match wins (a module inside a selected one is not selected again)."""
+    targets = config.target_modules
+    placement = targets if isinstance(targets, str) and targets in PLACEMENTS else None
+    save_names = config.modules_to_save or []
+    selected: list[tuple[str, nn.Module]] = []
+    for name, found in model.named_modules():
+        if not name or isinstance(found, (SavedModuleWrapper, ModuleAdapterHost)) or _inside_wrapper(model, name):
+            continue
+        module = found.base_layer if isinstance(found, AdaptedLayer) else found
+        hit = placement_selects(placement, name, module) if placement else name_matches(targets, name, module)
+        hit = hit or any(name == e or name.endswith("." + e) for e in extra or [])
+        if not hit or name_matches(config.exclude_modules, name, module, "exclude_modules"):
+            continue
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in save_names):
+            continue
+        if any(name.startswith(prev + ".") for prev, _ in selected):
+            continue
+        selected.append((name, found))
+    if not selected:
+        raise TargetModulesError(
+            f"target_modules={targets!r} matched no module. Use a placement keyword {list(PLACEMENTS)}, module "
+            f"names or suffixes (e.g. 'mlp', 'encoder.layer.0'), 'type:<ClassName>' entries or a regex"
+        )
+    return selected
 
 
 def saved_module_wrappers(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, SavedModuleWrapper):
             yield name, module
+

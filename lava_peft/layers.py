@@ -190,6 +190,14 @@ class AdaptedLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def fingerprint_shape(self) -> list[int]:
+        """What the base-model fingerprint records for this layer: its weight shape."""
+        return list(self.base_weight.shape)
+
+    def release(self) -> nn.Module:
+        """The base layer, to put back in the model when the adapters are removed."""
+        return self.base_layer
+
     # ------------------------------------------------------------------ adapters
     def add(self, name: str, adapter: nn.Module) -> None:
         if name in self.adapters:

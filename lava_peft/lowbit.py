@@ -117,25 +117,56 @@ def gaussian_codebook(bits: int) -> Codebook:
     return Codebook(bits, tuple(levels.tolist()), tuple(thresholds.tolist()))
 
 
-_TENSORS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+REFERENCE_STEPS = 500
+CODEBOOKS = ("exact", "reference")
 
 
-def _codebook_tensors(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=None)
+def reference_codebook(bits: int) -> Codebook:
+    """The codebook the reference code (PETL-ViT ``binary_adapter``) uses: :data:`REFERENCE_STEPS` plain
+    fixed-point steps ``t ← midpoints(l)``, ``l ← G(l)`` (the median map of the module docstring) from
+    all-zero levels, float64.  Its thresholds are those of the *last* step, i.e. the midpoints of the
+    levels before the final update, as in the reference.  For ``k ≤ 4`` it equals
+    :func:`gaussian_codebook` to ~1e-8; from ``k = 5`` on the iteration has not converged
+    (max level difference ≈ 0.015 at 5 bits, ≈ 1.6 at 8 bits) and these are different numbers.
+    """
+    bits = check_bits(bits)
+    levels = torch.zeros(2**bits, dtype=torch.float64)
+    thresholds = levels[1:]
+    for _ in range(REFERENCE_STEPS):
+        levels, thresholds = _median_map(levels)
+    return Codebook(bits, tuple(levels.tolist()), tuple(thresholds.tolist()))
+
+
+def check_codebook(codebook) -> str:
+    if codebook not in CODEBOOKS:
+        raise LavaConfigError(
+            f"codebook must be 'exact' (the converged Gaussian-median codebook) or 'reference' (the reference "
+            f"code's {REFERENCE_STEPS}-step fixed-point values; they differ from 5 bits on); got {codebook!r}"
+        )
+    return codebook
+
+
+_TENSORS: dict[tuple[int, torch.device, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _codebook_tensors(bits: int, device: torch.device, codebook: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(levels, thresholds)`` on ``device``, cached (private: shared, never modified)."""
-    found = _TENSORS.get((bits, device))
-    return found if found is not None else _make_codebook_tensors(bits, device)
+    found = _TENSORS.get((bits, device, codebook))
+    return found if found is not None else _make_codebook_tensors(bits, device, codebook)
 
 
 @torch.compiler.disable  # solved eagerly once, never traced by torch.compile
-def _make_codebook_tensors(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    book = gaussian_codebook(bits)
-    found = _TENSORS[(bits, device)] = (torch.tensor(book.levels, dtype=torch.float32, device=device),
-                                        torch.tensor(book.thresholds, dtype=torch.float32, device=device))
+def _make_codebook_tensors(bits: int, device: torch.device, codebook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    book = gaussian_codebook(bits) if check_codebook(codebook) == "exact" else reference_codebook(bits)
+    found = _TENSORS[(bits, device, codebook)] = (
+        torch.tensor(book.levels, dtype=torch.float32, device=device),
+        torch.tensor(book.thresholds, dtype=torch.float32, device=device))
     return found
 
 
 # ============================================================================ quantize
-def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, bits: int, codebook: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, stats)``: ``codes`` uint8 of ``w``'s shape (values ``0 … 2^k − 1``), ``stats`` =
     fp32 ``[μ, σ]``.  No gradient."""
     bits = check_bits(bits)
@@ -147,23 +178,24 @@ def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     mu = w32.mean()
     sigma = w32.std() if w32.numel() > 1 else torch.zeros_like(mu)
     z = (w32 - mu) / torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # σ = 0: every w − μ is 0
-    _, thresholds = _codebook_tensors(bits, w32.device)
+    _, thresholds = _codebook_tensors(bits, w32.device, codebook)
     codes = torch.bucketize(z, thresholds, right=True).to(torch.uint8)
     return codes, torch.stack([mu, sigma])
 
 
-def dequantize(codes: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bits: int,
+               codebook: str = "exact") -> torch.Tensor:
     """``level[codes]·σ + μ`` in fp32 (the shape of ``codes``)."""
-    levels, _ = _codebook_tensors(check_bits(bits), codes.device)
+    levels, _ = _codebook_tensors(check_bits(bits), codes.device, codebook)
     q = levels.index_select(0, codes.reshape(-1).long()).view(codes.shape)
     return q * sigma + mu
 
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, bits, stats_grad):
-        codes, stats = quantize(w, bits)
-        out = dequantize(codes, stats[0], stats[1], bits).to(w.dtype)
+    def forward(ctx, w, bits, stats_grad, codebook="exact"):
+        codes, stats = quantize(w, bits, codebook)
+        out = dequantize(codes, stats[0], stats[1], bits, codebook).to(w.dtype)
         ctx.stats_grad = stats_grad and w.numel() > 1
         if ctx.stats_grad:
             ctx.save_for_backward(w, out, stats)
@@ -172,7 +204,7 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.stats_grad:
-            return grad, None, None
+            return grad, None, None, None
         w, out, stats = ctx.saved_tensors
         mu, sigma = stats[0], stats[1]
         g32, w32 = grad.float(), w.float()
@@ -180,17 +212,18 @@ class _FakeQuantize(torch.autograd.Function):
         # (Σ g·c)/(n−1)·w̃ with c = Q(w̃) − w̃ = (w_q − w)/σ and w̃ = (w − μ)/σ
         coef = (g32 * (out.float() - w32)).sum() / ((w.numel() - 1) * safe * safe)
         coef = torch.where(sigma > 0, coef, torch.zeros_like(coef))
-        return (g32 + coef * (w32 - mu)).to(grad.dtype), None, None
+        return (g32 + coef * (w32 - mu)).to(grad.dtype), None, None, None
 
 
-def fake_quantize(w: torch.Tensor, bits: int, stats_grad: bool = True) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, stats_grad: bool = True, codebook: str = "exact") -> torch.Tensor:
     """``Q(w̃)·σ + μ`` (exactly ``dequantize(*quantize(w))``) with the straight-through gradient.
 
     ``stats_grad=True`` (the reference code's gradient) adds the derivative through ``σ``;
-    ``False`` gives the identity.  See the module docstring.
+    ``False`` gives the identity.  ``codebook``: ``"exact"`` or ``"reference"`` (:func:`reference_codebook`).
+    See the module docstring.
     """
     check_bits(bits)
-    return _FakeQuantize.apply(w, bits, bool(stats_grad))
+    return _FakeQuantize.apply(w, bits, bool(stats_grad), check_codebook(codebook))
 
 
 # ============================================================================ bit packing
@@ -253,20 +286,20 @@ class PackedTensor(NamedTuple):
     shape: torch.Size
 
 
-def quantize_for_storage(w: torch.Tensor, bits: int) -> PackedTensor:
+def quantize_for_storage(w: torch.Tensor, bits: int, codebook: str = "exact") -> PackedTensor:
     """``(packed codes, μ, σ, shape)`` of ``w``: ``ceil(n·bits/8)`` bytes + two fp32 scalars."""
-    codes, stats = quantize(w, bits)
+    codes, stats = quantize(w, bits, codebook)
     return PackedTensor(pack_codes(codes, bits), stats[0], stats[1], w.shape)
 
 
 def dequantize_from_storage(packed: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, shape, bits: int,
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                            dtype: torch.dtype = torch.float32, codebook: str = "exact") -> torch.Tensor:
     """The tensor :func:`quantize_for_storage` stored; equals the :func:`fake_quantize` forward exactly."""
     shape = torch.Size(shape)
     codes = unpack_codes(packed, bits, shape.numel()).view(shape)
     mu = torch.as_tensor(mu, dtype=torch.float32, device=packed.device)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=packed.device)
-    return dequantize(codes, mu, sigma, bits).to(dtype)
+    return dequantize(codes, mu, sigma, bits, codebook).to(dtype)
 
 
 # ============================================================================ accounting

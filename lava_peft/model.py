@@ -24,10 +24,11 @@ from .adapter_files import (  # noqa: F401  (SAVED_MARKER: re-exported)
     saved_key,
     write_adapter_dir,
 )
-from .config import AdapterConfig, adapter_class, check_adapter_name
+from .config import AdapterConfig, check_adapter_name
 from .errors import AdapterFileError, AdapterNameError, LavaError
 from .inject import (
     adapted_layers,
+    find_module_targets,
     find_modules_to_save,
     find_targets,
     saved_module_wrappers,
@@ -36,6 +37,9 @@ from .inject import (
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .io import check_tensors_match
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
+from .methods.base import ModuleAdapter
+from .merge_checks import check_mergeable
+from .module_layers import ModuleAdapterHost, host_of, module_spec, move_host
 
 
 @dataclass
@@ -169,18 +173,26 @@ class AdaptedModel(nn.Module):
             raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
         self.check_new_name(name)
         config.validate()
-        adapter_cls = adapter_class(config.method)
-        if target_names is None:
-            targets = find_targets(self.model, config)
-        else:
+        adapter_cls = config.adapter_type()
+        module_kind = issubclass(adapter_cls, ModuleAdapter)  # the second kind: transforms a module's output
+        if target_names is not None:
             targets = [(n, self.model.get_submodule(n)) for n in target_names]
+        elif module_kind:
+            targets = find_module_targets(self.model, config, adapter_cls.extra_targets(config))
+        else:
+            targets = find_targets(self.model, config)
         plan = AdapterPlan(name, config)
         for path, found in targets:
             base = found.base_layer if isinstance(found, AdaptedLayer) else found
-            spec = layer_ops(base).spec(base)
-            adapter_cls.check_layer(spec, config, path)
-            adapter = adapter_cls.for_layer(spec, config, path)
-            adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
+            if module_kind:
+                spec = module_spec(base, path)
+                adapter_cls.check_module(spec, config, path)
+                adapter = adapter_cls.for_module(spec, config, path)
+            else:
+                spec = layer_ops(base).spec(base)
+                adapter_cls.check_layer(spec, config, path)
+                adapter = adapter_cls.for_layer(spec, config, path)
+                adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -192,9 +204,12 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(False)
         for path, found, adapter in plan.layers:
             layer = found
-            if not isinstance(found, AdaptedLayer):
+            if isinstance(adapter, ModuleAdapter):
+                layer = host_of(found) or ModuleAdapterHost(found, adapter.spec)
+            elif not isinstance(found, AdaptedLayer):
                 layer = AdaptedLayer(found, layer_ops(found))
                 set_submodule(self.model, path, layer)
+                move_host(found, layer)  # module adapters on the layer keep their hook and path
             layer.add(plan.name, adapter)
         for path, found in plan.saved:
             wrapper = found
@@ -270,14 +285,19 @@ class AdaptedModel(nn.Module):
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "exact_linear", **kwargs):
-        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum) or
-        one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``, ``dare_*``,
-        ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
-        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...)."""
+                             combination_type: str | None = None, **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum; the
+        default) or one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``,
+        ``dare_*``, ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
+        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...).  Module
+        adapters: ``linear`` only, parameter averaging (the default for them; :mod:`lava_peft.combine_modules`)."""
         from .combine import add_weighted_adapter
+        from .combine_modules import average_module_adapters, involves_module_adapters
 
-        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+        if involves_module_adapters(self, self.check_known(adapters)):  # the second kind: parameter averaging
+            return average_module_adapters(self, list(adapters), [float(w) for w in weights], adapter_name,
+                                           combination_type or "linear")
+        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type or "exact_linear", **kwargs)
 
     def adapter_layers(self, adapter_name: str | None = None) -> list[tuple[str, nn.Module]]:
         """``(module path, adapter module)`` for every layer hosting ``adapter_name``."""
@@ -305,31 +325,7 @@ class AdaptedModel(nn.Module):
         self.__dict__["_exact_unmerge"] = bool(value)
 
     def _check_mergeable(self, names: Sequence[str]) -> None:
-        """Refuse non-finite increments, and weights tied to another module (e.g. GPT-2's ``wte`` and
-        ``lm_head``: merging into one would change both), before any weight is modified."""
-        owners: dict[int, list[str]] = {}
-        for p_name, p in self.model.named_parameters(remove_duplicate=False):
-            if ".adapters." not in p_name and ".copies." not in p_name:
-                owners.setdefault(id(p), []).append(p_name)
-        from .quant import is_quantized_linear
-
-        for path, layer in adapted_layers(self.model):
-            todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
-            if not todo:
-                continue
-            if is_quantized_linear(layer.base_layer):
-                raise LavaError(
-                    f"{path} has a quantized base weight; merging {todo} into it would corrupt it. Keep the "
-                    "adapter unmerged, or merge into a full-precision copy of the base model"
-                )
-            tied = [o for o in owners.get(id(layer.base_weight), []) if not o.startswith(f"{path}.base_layer.")]
-            if tied:
-                raise LavaError(
-                    f"the weight of {path} is tied to {tied}; merging {todo} would change those too. Keep the "
-                    "adapter unmerged, or untie the weights first (e.g. clone lm_head.weight)"
-                )
-            for n in todo:
-                layer._check_finite(n)
+        check_mergeable(self.model, names)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).
@@ -368,7 +364,7 @@ class AdaptedModel(nn.Module):
         else:
             self.unmerge_adapter()
         for path, layer in list(adapted_layers(self.model)):
-            set_submodule(self.model, path, layer.base_layer)
+            set_submodule(self.model, path, layer.release())
         for path, wrapper in list(saved_module_wrappers(self.model)):
             keep = wrapper.current() if merge else wrapper.original_module
             set_submodule(self.model, path, keep)
@@ -510,10 +506,11 @@ class AdaptedModel(nn.Module):
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
-    def check_fingerprint(self, fp: dict, source: str, strict_base: bool = False) -> list[str]:
+    def check_fingerprint(self, fp: dict, source: str, strict_base: bool = False, module_kind: bool = False) -> list[str]:
         """Refuse (changing nothing) a base model that does not fit a saved ``base_model_fingerprint``: module
-        names and shapes, and with ``strict_base`` the weights' sha256; returns the adapted module paths."""
-        return check_base_fingerprint(self.model, fp, source, strict_base)
+        names and shapes (``module_kind``: a module adapter's targets, ``[type, in, out]``), and with
+        ``strict_base`` the weights' sha256; returns the adapted module paths."""
+        return check_base_fingerprint(self.model, fp, source, strict_base, module_kind)
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
                      allow_nonfinite: bool = False, strict_base: bool = False) -> None:
@@ -527,7 +524,8 @@ class AdaptedModel(nn.Module):
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
         self.check_new_name(adapter_name)
-        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base)
+        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base,
+                                              issubclass(config.adapter_type(), ModuleAdapter))
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config, target_names=target_names)
         expected: dict[str, torch.Tensor] = {}

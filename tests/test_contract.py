@@ -85,12 +85,14 @@ CONFIGS = {
         r=2, alpha=3, bits=3, factorization="lava", factor_init="lora", quantize="up", keep_latent=True,
         orth_lambda=0.1, orth_factors="all", target_modules=["0"]
     ),
+    "lowbit_lora_5bit_reference_codebook": lambda: lp.LowBitConfig(r=2, alpha=4, bits=5, codebook="reference",
+                                                                    target_modules=["0"]),
     # MoSA: modules drawn per training step; the zero-initialised LoRA up factor split "up" would leave
     # some tensors without gradient in the few steps of the contract, so LAVA (U non-zero) and "all" rows
-    "mosa_lava": lambda: lp.MosaConfig(r=2, alpha=4, target_modules=["0"], factorization="lava"),
-    "mosa_lora_all": lambda: lp.MosaConfig(r=2, alpha=4, target_modules=["0"], split="all", n_modules=2),
-    "mosa_lava_all_global": lambda: lp.MosaConfig(
-        r=2, alpha=4, target_modules=["0"], factorization="lava", split="all", n_modules=2, module_sampling="global",
+    "mosa_lava_split_u": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], factorization="lava",
+                                               split="up"),
+    "mosa_lora_all": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], split="all", n_modules=2),
+    "mosa_lava_all_global": lambda: lp.MosaConfig(adapter="factors", r=2, alpha=4, target_modules=["0"], factorization="lava", split="all", n_modules=2, module_sampling="global",
         orth_lambda=0.1, rescale=False
     ),
     "sft_random_l1": lambda: lp.SftConfig(density=0.3, mask_type="random", l1_lambda=0.1, target_modules=["0"]),
@@ -297,3 +299,209 @@ def test_modules_to_save_head_is_trained_and_saved(tmp_path):
     loaded = lp.AdaptedModel.from_pretrained(fresh, tmp_path)
     assert torch.equal(loaded(x), model(x))
     assert len(params) == 2 + 2
+
+
+# =============================================================================== the second kind: module adapters
+class MlpBlock(nn.Module):
+    """A residual-free MLP block (Linear-GELU-Linear), the host of parallel/sequential adapters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class TupleBlock(nn.Module):
+    """Returns ``(hidden, extra)`` like transformers layers; the adapter acts on ``hidden`` only."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(10, 10)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return h, h.sum(-1)
+
+
+class ConvBlock(nn.Module):
+    """Conv-BN-ReLU keeping the resolution (a CNN block: the adapter is a 1×1-conv bottleneck)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _First(nn.Module):
+    def forward(self, out):
+        return out[0] if isinstance(out, tuple) else out
+
+
+MODULE_HOSTS = {
+    "mlp_block": (lambda: nn.Sequential(MlpBlock()), lambda: torch.randn(4, 5, 12)),
+    "linear": (lambda: nn.Sequential(nn.Linear(12, 10)), lambda: torch.randn(4, 12)),
+    "tuple_block": (lambda: nn.Sequential(TupleBlock(), _First()), lambda: torch.randn(3, 4, 10)),
+    "conv_block": (lambda: nn.Sequential(ConvBlock()).eval(), lambda: torch.randn(3, 6, 5, 5)),
+    "gpt2_conv1d": (lambda: nn.Sequential(GPT2Conv1D(10, 12)), lambda: torch.randn(3, 5, 12)),
+}
+
+MODULE_CONFIGS = {
+    "houlsby": lambda: lp.HoulsbyConfig(r=3, target_modules=["0"]),
+    "pfeiffer_ln_nobias_silu": lambda: lp.PfeifferConfig(r=2, layer_norm=True, bias=False, activation="silu",
+                                                         target_modules=["0"]),
+    "adaptformer": lambda: lp.AdaptFormerConfig(r=3, target_modules=["0"]),
+    "adaptformer_ln_inputdropout": lambda: lp.AdaptFormerConfig(r=2, layer_norm=True, dropout=0.2,
+                                                                dropout_position="input", target_modules=["0"]),
+    "bi_adaptformer_1bit": lambda: lp.bi_adaptformer(r=3, dropout=0.0, target_modules=["0"]),
+    "adaptformer_2bit_reference_latent": lambda: lp.AdaptFormerConfig(r=3, bits=2, codebook="reference",
+                                                                      keep_latent=True, target_modules=["0"]),
+    # MoSA as in the reference: N copies of the split tensors, masked gradients, mean merge
+    "mosa_adaptformer": lambda: lp.MosaConfig(r=3, n_modules=2, target_modules=["0"]),
+    "mosa_houlsby_all_global": lambda: lp.MosaConfig(adapter="houlsby", r=2, n_modules=2, split="all",
+                                                     module_sampling="global", target_modules=["0"]),
+}
+
+MODULE_ROWS = [(m, host) for m in MODULE_CONFIGS for host in MODULE_HOSTS]
+
+
+def _build_module(method: str, host: str, seed: int = 0):
+    torch.manual_seed(seed)
+    make_model, make_input = MODULE_HOSTS[host]
+    base = make_model()
+    pristine = copy.deepcopy(base)
+    x = make_input()
+    model = lp.adapt(base, MODULE_CONFIGS[method]())
+    return model, pristine, x
+
+
+def _module_train(model, x, steps: int = 3, lr: float = 0.05):
+    """A few SGD steps; returns the names of the adapter tensors that received a non-zero gradient."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params.values(), lr=lr)
+    torch.manual_seed(123)
+    target = torch.randn_like(model(x).float())
+    reached = set()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x) - target).pow(2).mean() + model.regularization_loss()
+        loss.backward()
+        reached |= {n for n, p in params.items() if p.grad is not None and torch.count_nonzero(p.grad) > 0}
+        opt.step()
+    return reached
+
+
+@pytest.mark.parametrize("method,host", MODULE_ROWS)
+def test_module_adapter_starts_as_base_model(method, host):
+    model, pristine, x = _build_module(method, host)
+    out, ref = model(x), pristine(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.equal(out, ref)
+    assert [p for p, _ in model.adapter_layers()] == ["0"]
+
+
+@pytest.mark.parametrize("method,host", MODULE_ROWS)
+def test_module_adapter_trains_only_its_tensors_and_every_tensor_gets_gradients(method, host):
+    model, pristine, x = _build_module(method, host)
+    adapter_names = {n for n, p in model.named_parameters() if ".lava_module_adapters." in n}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == adapter_names and adapter_names
+    assert sorted(n for n, _ in model.model.named_parameters() if n.startswith("0.") and ".lava_module" not in n) == \
+        sorted("0." + n for n, _ in pristine[0].named_parameters())  # names inside the module unchanged
+    reached = _module_train(model, x, steps=10)  # MoSA: every copy is drawn at least once
+    assert reached == adapter_names
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in adapter_names)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), pristine(x))
+
+
+@pytest.mark.parametrize("method,host", MODULE_ROWS)
+def test_module_adapter_merge_is_refused_and_changes_nothing(method, host):
+    model, pristine, x = _build_module(method, host)
+    _module_train(model, x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x).clone()
+        weights = {n: p.clone() for n, p in model.named_parameters()}
+        for call in (model.merge_adapter, model.merge_and_unload):
+            with pytest.raises(lp.LavaError, match="nonlinear|ΔW"):
+                call()
+            assert model.merged_adapters == []
+            assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+            assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("method,host", MODULE_ROWS)
+def test_module_adapter_disable_gives_base_and_unload_restores(method, host):
+    model, pristine, x = _build_module(method, host)
+    _module_train(model, x)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(x), pristine(x))
+    plain = model.unload()
+    assert not any("lava_module_adapters" in n for n, _ in plain.named_modules())
+    with torch.no_grad():
+        assert torch.equal(plain(x), pristine(x))
+
+
+@pytest.mark.parametrize("method,host", MODULE_ROWS)
+def test_module_adapter_save_load_exact(method, host, tmp_path):
+    model, pristine, x = _build_module(method, host)
+    fresh = copy.deepcopy(pristine)
+    _module_train(model, x)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = lp.AdaptedModel.from_pretrained(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)  # a frozen (codes-only) adapter re-saves bit-identically
+    from safetensors.torch import load_file
+
+    first, second = load_file(tmp_path / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    trainable = lp.AdaptedModel.from_pretrained(copy.deepcopy(pristine), tmp_path, is_trainable=True)
+    expected = sum(p.numel() for n, p in model.named_parameters() if ".lava_module_adapters." in n)
+    assert trainable.get_nb_trainable_parameters()[0] == expected
+
+
+@pytest.mark.parametrize("method,host", MODULE_ROWS)
+def test_module_adapter_mixed_batch_rows_match_single_adapter_runs(method, host):
+    model, pristine, x = _build_module(method, host)
+    _module_train(model, x)
+    model.add_adapter("other", MODULE_CONFIGS[method]())
+    _randomize_module_adapter(model, "other")
+    model.eval()
+    names = ["default", "__base__", "other"] * x.shape[0]
+    names = names[: x.shape[0]]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                ref = pristine(x[i:i + 1])
+            else:
+                model.set_adapter(name)
+                ref = model(x[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+def _randomize_module_adapter(model, name):
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, adapter in model.adapter_layers(name):
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize("method", list(MODULE_CONFIGS))
+def test_module_adapter_bf16_keeps_fp32_tensors(method):
+    model, _, x = _build_module(method, "mlp_block")
+    model.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    _module_train(model, x, steps=1)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lava_module_adapters." in n)
+    assert model(x).dtype == torch.bfloat16

@@ -268,7 +268,7 @@ MOSA_WORKER = textwrap.dedent(
         """MoSA: two forwards (different modules) per step for the consistency loss, then one backward."""
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        model = lp.adapt(net, lp.MosaConfig(r=2, n_modules=2, target_modules=["0", "2"], factorization="lava"))
+        model = lp.adapt(net, lp.MosaConfig(adapter="factors", r=2, n_modules=2, target_modules=["0", "2"], factorization="lava"))
         g = torch.Generator().manual_seed(1)
         x = torch.randn(32, 10, generator=g)
         data = {"x": x, "labels": (x[:, :3].sum(1) > 0).long()}

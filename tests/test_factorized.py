@@ -18,7 +18,17 @@ from lava_peft.methods.lora import LoraAdapter
 from lava_peft.methods.lowbit import LowBitConfig
 from lava_peft.methods.mosa import ModuleSampler, MosaConfig
 
-CONFIGS = [DyLoraConfig, MosaConfig, LowBitConfig]
+
+
+class FactorMosaConfig(MosaConfig):
+    """MoSA's factor variant (the default MoSA adapter is a bottleneck adapter, a module adapter)."""
+
+    def __init__(self, *args, adapter="factors", **kwargs):
+        super().__init__(*args, adapter=adapter, **kwargs)
+
+
+FactorMosaConfig.__name__ = "MosaConfig"
+CONFIGS = [DyLoraConfig, FactorMosaConfig, LowBitConfig]
 BASE = dict(r=2, alpha=4.0, target_modules=["0"])
 
 
@@ -44,14 +54,14 @@ def test_defaults_stay_per_method():
         "orthogonal", 0.1, "out", "gaussian", "auto")
     assert DyLoraConfig(**BASE, factorization="lava", init="lora").orth_factors == "in"
     assert DyLoraConfig(**BASE).to_dict()["orth_lambda"] is None
-    mosa = MosaConfig(**BASE, factorization="lava")
+    mosa = MosaConfig(adapter="factors", **BASE, factorization="lava")
     assert (mosa.init, mosa.orth_lambda, mosa.spatial_init) == (None, 0.0, None)
     low = LowBitConfig(**BASE, factorization="lava")
     assert (low.init, low.factor_init, low.orth_lambda, low.spatial_init, low.conv_path) == (
         "zero_delta", None, 0.0, "gaussian", "auto")
     assert low.factor_config() == low.plain_config()
     for cfg, weight in [(dy, 0.1), (mosa, 0.0), (low, 0.0), (DyLoraConfig(**BASE), 0.0),
-                        (MosaConfig(**BASE, factorization="lava", orth_lambda=0.3), 0.3)]:
+                        (MosaConfig(adapter="factors", **BASE, factorization="lava", orth_lambda=0.3), 0.3)]:
         assert cfg.regularization_weight() == weight
 
 
@@ -121,8 +131,8 @@ def test_shared_per_config_keeps_one_object_per_config_and_arguments():
     assert second is not first and second.seed == 5
     assert "_shared_runtime" not in cfg.to_dict()
     # the adapters of one add_adapter call share one sampler; another call gets its own
-    model = lp.adapt(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), MosaConfig(r=2, target_modules=["0", "1"]))
-    model.add_adapter("b", MosaConfig(r=2, target_modules=["0", "1"]))
+    model = lp.adapt(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), MosaConfig(adapter="factors", r=2, target_modules=["0", "1"]))
+    model.add_adapter("b", MosaConfig(adapter="factors", r=2, target_modules=["0", "1"]))
     a = [ad._sampler for _, ad in model.adapter_layers("default")]
     b = [ad._sampler for _, ad in model.adapter_layers("b")]
     assert a[0] is a[1] and b[0] is b[1] and a[0] is not b[0]
@@ -186,7 +196,7 @@ def test_registered_class_is_built_through_for_layer(cls):
             registered(spec, config, "0")
 
 
-@pytest.mark.parametrize("cls", [DyLoraConfig, MosaConfig])
+@pytest.mark.parametrize("cls", [DyLoraConfig, FactorMosaConfig])
 def test_sampler_state_is_the_models(cls):
     """``AdaptedModel.sampler_state`` counts training forwards (the step of the next draw) and restores it;
     the checkpoint helpers read and write exactly that."""
@@ -235,7 +245,7 @@ def test_effective_factors_of_each_variant(factorization, layer):
     lava = {"orth_lambda": 0.0} if factorization == "lava" else {}
     configs = {
         "dylora": DyLoraConfig(r=3, alpha=6.0, r_min=1, eval_rank=2, factorization=factorization, target_modules=["0"], **lava),
-        "mosa": MosaConfig(r=3, alpha=6.0, n_modules=2, split="all", factorization=factorization, target_modules=["0"]),
+        "mosa": FactorMosaConfig(r=3, alpha=6.0, n_modules=2, split="all", factorization=factorization, target_modules=["0"]),
         "lowbit": LowBitConfig(r=3, alpha=6.0, bits=2, factorization=factorization, target_modules=["0"]),
     }
     for method, config in configs.items():

@@ -43,7 +43,7 @@ def _model(layer="linear", torch_seed=0, randomize=True, **cfg):
     pristine = copy.deepcopy(base)
     x = make_input()
     cfg = {"r": 2, "alpha": 4.0, "target_modules": ["0"], **cfg}
-    model = lp.adapt(base, MosaConfig(**cfg))
+    model = lp.adapt(base, MosaConfig(adapter="factors", **cfg))
     if randomize:
         randomize_adapters(model, seed=torch_seed + 1)
     return model, pristine, x
@@ -309,7 +309,7 @@ def _deep_model(torch_seed=0, n_layers=6, **cfg):
         layers += [nn.Linear(8, 8), nn.Tanh()]
     base = nn.Sequential(*layers, nn.Linear(8, 3))
     targets = [str(2 * i) for i in range(n_layers)]
-    model = lp.adapt(base, MosaConfig(r=2, alpha=4.0, target_modules=targets, **cfg))
+    model = lp.adapt(base, MosaConfig(adapter="factors", r=2, alpha=4.0, target_modules=targets, **cfg))
     randomize_adapters(model, seed=torch_seed + 1)
     return model
 
@@ -396,7 +396,7 @@ def test_symmetric_kl_matches_the_definition_with_and_without_a_row_mask():
 def _classifier(n_modules=4, **cfg):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-    model = lp.adapt(base, MosaConfig(r=2, alpha=4.0, n_modules=n_modules, target_modules=["0", "2"], **cfg))
+    model = lp.adapt(base, MosaConfig(adapter="factors", r=2, alpha=4.0, n_modules=n_modules, target_modules=["0", "2"], **cfg))
     randomize_adapters(model, seed=1)
     batch = {"x": torch.randn(6, 8), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
     return model, batch
@@ -423,7 +423,32 @@ def test_consistency_loss_equals_hand_symmetric_kl_and_is_zero_for_one_module():
     assert sampler.fixed is None and sampler.avoid is None
 
 
-def test_consistency_loss_draws_a_different_module_in_every_layer():
+def test_consistency_loss_draws_independently_by_default_as_the_reference():
+    """The reference samples each forward's modules afresh: pass B equals the sampler's next step, so it
+    coincides with pass A in some layers (6 layers, N = 2)."""
+    model = _deep_model(n_modules=2)
+    model.train()
+    batch = {"x": torch.randn(4, 8)}
+    seen = []
+
+    def forward(m, b):
+        out = m(b["x"])
+        seen.append([a.last_module for _, a in model.adapter_layers()])
+        return out
+
+    sampler = mosa_tools.module_sampler(model)
+    coincide = 0
+    for _ in range(4):
+        seen.clear()
+        step = sampler.next_step()
+        mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward)
+        assert seen[0] == [sampler.module(step, i) for i in range(6)]
+        assert seen[1] == [sampler.module(step + 1, i) for i in range(6)]
+        coincide += sum(a == b for a, b in zip(*seen))
+    assert coincide > 0
+
+
+def test_consistency_loss_distinct_draws_a_different_module_in_every_layer():
     model = _deep_model(n_modules=4)
     model.train()
     batch = {"x": torch.randn(4, 8)}
@@ -436,18 +461,18 @@ def test_consistency_loss_draws_a_different_module_in_every_layer():
 
     for _ in range(5):
         seen.clear()
-        mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward)
+        mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward, distinct=True)
         assert all(ka != kb for ka, kb in zip(*seen)), seen
     mosa_tools.set_module(model, 1)  # a fixed module: forward B still differs
     seen.clear()
-    mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward)
+    mosa_tools.mosa_consistency_loss(model, batch, forward_fn=forward, distinct=True)
     assert seen[0] == [1] * 6 and 1 not in seen[1]
     assert mosa_tools.module_sampler(model).fixed == 1
 
 
 def test_loss_fn_for_the_trainer_adds_the_weighted_kl_in_training_only(tmp_path):
     model, batch = _classifier(n_modules=2)
-    loss_fn = mosa_tools.mosa_loss_fn(weight=0.5)
+    loss_fn = mosa_tools.mosa_loss_fn(weight=0.5, distinct=True)
     model.train()
     mosa_tools.set_module(model, 0)  # forward A: module 0; forward B: the only other one, module 1
     loss, logits = loss_fn(model, batch)
@@ -483,7 +508,7 @@ def _adapter_tensors(model):
 def test_consistency_loss_refuses_activation_checkpointing():
     from tests._tiny_models import tiny_bert
 
-    model = lp.adapt(tiny_bert(), MosaConfig(r=2, n_modules=2, target_modules=["query", "value"]))
+    model = lp.adapt(tiny_bert(), MosaConfig(adapter="factors", r=2, n_modules=2, target_modules=["query", "value"]))
     hf = model.model  # transformers >= 5 renamed the switch; older ones only have gradient_checkpointing_enable
     (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()
     model.train()
@@ -521,20 +546,20 @@ def test_save_load_gives_the_same_eval_outputs_and_the_same_modules(factorizatio
 # =============================================================================== errors
 def test_config_errors_name_the_field():
     with pytest.raises(lp.LavaConfigError, match="n_modules must be an integer >= 2"):
-        MosaConfig(target_modules=["0"], n_modules=1)
+        MosaConfig(adapter="factors", target_modules=["0"], n_modules=1)
     with pytest.raises(lp.LavaConfigError, match="n_modules"):
-        MosaConfig(target_modules=["0"], n_modules=True)
+        MosaConfig(adapter="factors", target_modules=["0"], n_modules=True)
     with pytest.raises(lp.LavaConfigError, match="split must be"):
-        MosaConfig(target_modules=["0"], split="left")
+        MosaConfig(adapter="factors", target_modules=["0"], split="left")
     with pytest.raises(lp.LavaConfigError, match="module_sampling"):
-        MosaConfig(target_modules=["0"], module_sampling="per_step")
+        MosaConfig(adapter="factors", target_modules=["0"], module_sampling="per_step")
     with pytest.raises(lp.LavaConfigError, match="factorization='lava' only"):
-        MosaConfig(target_modules=["0"], orth_lambda=0.1)
+        MosaConfig(adapter="factors", target_modules=["0"], orth_lambda=0.1)
     with pytest.raises(lp.LavaConfigError, match="init"):
-        MosaConfig(target_modules=["0"], factorization="lava", init="gaussian")
+        MosaConfig(adapter="factors", target_modules=["0"], factorization="lava", init="gaussian")
     with pytest.raises(lp.LavaConfigError, match="seed"):
-        MosaConfig(target_modules=["0"], seed=-1)
-    cfg = MosaConfig(target_modules=["0"], factorization="lava", orth_lambda=0.2, n_modules=3)
+        MosaConfig(adapter="factors", target_modules=["0"], seed=-1)
+    cfg = MosaConfig(adapter="factors", target_modules=["0"], factorization="lava", orth_lambda=0.2, n_modules=3)
     assert MosaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.regularization_weight() == 0.2
 
@@ -546,14 +571,14 @@ def test_too_many_modules_for_a_factor_is_refused_before_anything_changes():
     model = lp.AdaptedModel(base)
     # LoRA up factor B of the Linear: 3x1 = 3 entries < 4 modules
     with pytest.raises(lp.LavaConfigError, match=r"n_modules=4 is larger than the lora_B factor \(3, 1\)"):
-        model.add_adapter("a", MosaConfig(r=1, target_modules=["0", "1"]))
+        model.add_adapter("a", MosaConfig(adapter="factors", r=1, target_modules=["0", "1"]))
     # LAVA spatial factors of a 1x1 conv have r entries: split="all" with r=2 < 3 modules
     with pytest.raises(lp.LavaConfigError, match="lava_P.0"):
-        model.add_adapter("a", MosaConfig(r=2, target_modules=["1"], factorization="lava", split="all", n_modules=3))
+        model.add_adapter("a", MosaConfig(adapter="factors", r=2, target_modules=["1"], factorization="lava", split="all", n_modules=3))
     assert model.peft_config == {} and not list(model.adapter_layers("a"))
     assert isinstance(model.model[0], nn.Linear) and isinstance(model.model[1], nn.Conv2d)
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
-    model.add_adapter("a", MosaConfig(r=2, target_modules=["1"], factorization="lava", split="up", n_modules=3))
+    model.add_adapter("a", MosaConfig(adapter="factors", r=2, target_modules=["1"], factorization="lava", split="up", n_modules=3))
 
 
 def test_model_level_errors():
@@ -600,7 +625,7 @@ def test_minilm_query_value_mosa_trains_and_merges_into_an_identical_lora(tmp_pa
     finally:
         transformers.logging.set_verbosity(verbosity)
     pristine = copy.deepcopy(base)
-    model = lp.adapt(base, MosaConfig(r=4, alpha=8.0, n_modules=4, target_modules=["query", "value"],
+    model = lp.adapt(base, MosaConfig(adapter="factors", r=4, alpha=8.0, n_modules=4, target_modules=["query", "value"],
                                       modules_to_save=["classifier"]))
     assert len(model.adapter_layers()) == 12
     inputs = {k: v for k, v in train.items() if k != "labels"}
@@ -634,7 +659,7 @@ def test_minilm_query_value_mosa_trains_and_merges_into_an_identical_lora(tmp_pa
 
 
 def test_export_peft_of_a_mosa_adapter_points_to_merge_modules(tmp_path):
-    model = lp.adapt(nn.Sequential(nn.Linear(6, 4)), lp.MosaConfig(r=2, target_modules=["0"], n_modules=2))
+    model = lp.adapt(nn.Sequential(nn.Linear(6, 4)), lp.MosaConfig(adapter="factors", r=2, target_modules=["0"], n_modules=2))
     with pytest.raises(lp.LavaConfigError, match="merge_modules"):
         lp.export_peft(model, str(tmp_path / "peft"))
     assert not (tmp_path / "peft").exists()

@@ -192,7 +192,7 @@ def test_phase_one_on_an_adapted_model_trains_base_weights_under_the_active_lang
     changes = {path: (_canonical(path, copy_.model.get_submodule(path).base_weight).astype(np.float64)
                       - _canonical(path, model.model.get_submodule(path).base_weight)).reshape(-1)
                for path in TARGETS}
-    masks = lottery_ticket_masks(model, SftConfig(target_modules=TARGETS, density=0.25), _sgd_steps)
+    masks = lottery_ticket_masks(model, SftConfig(target_modules=TARGETS, density=0.25), _sgd_steps, scope="layer")
     _assert_same_state(model, before)  # language values, base weights, flags: all as before
     assert masks["0"].tolist() == _numpy_top(np.abs(changes["0"]), 12)
     assert masks["3"].tolist() == _numpy_top(np.abs(changes["3"]), 6)
@@ -388,7 +388,7 @@ def test_missing_or_unusable_masks_raise_clear_errors_and_leave_the_model_unchan
 
     with pytest.raises(lp.LavaConfigError, match=r"leaves none in \['3'\]"):
         lottery_ticket_masks(net, SftConfig(target_modules=TARGETS, density=0.25), lopsided, scope="global")
-    masks = lottery_ticket_masks(net, SftConfig(target_modules=TARGETS, density=0.25), lopsided)
+    masks = lottery_ticket_masks(net, SftConfig(target_modules=TARGETS, density=0.25), lopsided, scope="layer")
     assert masks["0"].tolist() == list(range(36, 48))  # per layer: the 12 largest additions
     with pytest.raises(lp.LavaConfigError, match="not strictly increasing"):
         lp.adapt(net, SftConfig(target_modules=TARGETS, masks={"0": torch.tensor([3, 1]), "3": torch.tensor([0])}))
@@ -412,7 +412,7 @@ def test_minilm_lt_sft_phase_one_mask_then_phase_two_lowers_the_loss(tmp_path):
                     l1_lambda=1e-3, modules_to_save=["classifier"])
     phase1 = trainer_phase(train, output_dir=str(tmp_path / "phase1"), max_steps=3, batch_size=16, lr=1e-4,
                            device="cpu", progress=False, summary=False)
-    masks = lottery_ticket_masks(base, cfg, phase1)
+    masks = lottery_ticket_masks(base, cfg, phase1, scope="layer")
     assert not (tmp_path / "phase1" / "adapter").exists()  # phase 1 writes no adapter
     assert all(torch.equal(p, before[n]) and p.requires_grad and p.grad is None for n, p in base.named_parameters())
     assert not base.training
@@ -455,3 +455,97 @@ def test_minilm_lt_sft_phase_one_mask_then_phase_two_lowers_the_loss(tmp_path):
         results[name] = phase_two(0.1)
     (start, ticket), (_, random) = results["ticket"], results["random"]
     assert ticket < start - 0.01 and ticket < random - 0.01
+
+
+# =============================================================================== composable-sft's recipe
+def test_default_selection_scope_is_global_as_composable_sft():
+    import inspect
+
+    assert inspect.signature(lottery_ticket_masks).parameters["scope"].default == "global"
+    cfg = SftConfig(target_modules=TARGETS, density=0.25)
+    default = lottery_ticket_masks(_net(), cfg, _sgd_steps)
+    explicit = lottery_ticket_masks(_net(), cfg, _sgd_steps, scope="global")
+    assert {p: m.tolist() for p, m in default.items()} == {p: m.tolist() for p, m in explicit.items()}
+
+
+def _changes_with_l1_by_hand(net, l1, steps=3, lr=0.2):
+    """Phase 1 with composable-sft's loss CE + λ·Σ|θ − θ0| / N over the targeted weights (N entries)."""
+    trained = copy.deepcopy(net)
+    for p in trained.parameters():
+        p.requires_grad_(False)
+    weights = [trained.get_submodule(p).weight for p in TARGETS]
+    for w in weights:
+        w.requires_grad_(True)
+    starts = [w.detach().clone() for w in weights]
+    n = sum(w.numel() for w in weights)
+    x, y = _data()
+    trained.train()
+    opt = torch.optim.SGD(weights, lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        pull = sum((w - s).abs().sum() for w, s in zip(weights, starts)) / n
+        (F.cross_entropy(trained(x), y) + l1 * pull).backward()
+        opt.step()
+    return {path: (_canonical(path, trained.get_submodule(path).weight).astype(np.float64)
+                   - _canonical(path, net.get_submodule(path).weight)).reshape(-1) for path in TARGETS}
+
+
+def test_dense_phase_l1_term_is_composable_sfts():
+    net = _net()
+    cfg = SftConfig(target_modules=TARGETS, density=0.25)
+    l1 = 20.0
+    changes = _changes_with_l1_by_hand(net, l1)
+    flat = np.concatenate([np.abs(changes[p]) for p in TARGETS])
+    top = np.array(_numpy_top(flat, 12 + 6))
+    expected = {"0": top[top < 48].tolist(), "3": (top[top >= 48] - 48).tolist()}
+    masks = lottery_ticket_masks(net, cfg, _sgd_steps, l1_lambda=l1)
+    assert {p: m.tolist() for p, m in masks.items()} == expected
+    plain = lottery_ticket_masks(net, cfg, _sgd_steps)
+    assert {p: m.tolist() for p, m in plain.items()} != expected  # the term changes the selection
+
+
+def test_lt_sft_rounds_add_k_over_n_new_entries_from_the_current_weights():
+    from lava_peft.tools.sft import lt_sft
+
+    net = _net()
+    pristine = copy.deepcopy(net)
+    cfg = SftConfig(target_modules=TARGETS, density=0.5, alpha=1.0)
+    seen = []
+
+    def sparse(model):
+        seen.append({p: (a.sparse_indices.clone(), a.sparse_values.detach().clone()) for p, a in model.adapter_layers()})
+        _sgd_steps(model, steps=2, lr=0.5)
+
+    model = lt_sft(net, cfg, _sgd_steps, sparse, n_ft_iterations=2)
+    first, second = seen
+    assert sum(i.numel() for i, _ in first.values()) == 18 and sum(i.numel() for i, _ in second.values()) == 36
+    # round 1: the global top 18 of the dense phase from θ0
+    changes = _changes_by_hand(pristine)
+    flat = np.concatenate([np.abs(changes[p]) for p in TARGETS])
+    top = np.array(_numpy_top(flat, 18))
+    assert {p: i.tolist() for p, (i, _) in first.items()} == {"0": top[top < 48].tolist(),
+                                                              "3": (top[top >= 48] - 48).tolist()}
+    # round 2: the dense phase starts from θ0 + φ1 (round 1's trained SFT merged into a copy), the 18 largest
+    # changes among entries not selected yet are added; round-1 entries keep their trained values
+    current = copy.deepcopy(pristine)
+    with torch.no_grad():
+        for path, (idx, _) in first.items():
+            trained_values = second[path][1][torch.searchsorted(second[path][0], idx)]
+            w = current.get_submodule(path).weight
+            canon = (w if path == "0" else w.T).detach().clone().contiguous()
+            canon.view(-1)[idx] += trained_values
+            w.copy_(canon if path == "0" else canon.T)
+    changes2 = _changes_by_hand(current)
+    flat2 = np.concatenate([np.abs(changes2[p]) for p in TARGETS])
+    taken = np.concatenate([first["0"][0].numpy(), first["3"][0].numpy() + 48])
+    flat2[taken] = -np.inf
+    top2 = np.array(_numpy_top(flat2, 18))
+    new = {p: sorted(set(second[p][0].tolist()) - set(first[p][0].tolist())) for p in TARGETS}
+    assert new == {"0": top2[top2 < 48].tolist(), "3": (top2[top2 >= 48] - 48).tolist()}
+    for path, (idx, _) in first.items():
+        new_idx = second[path][0]
+        assert not set(new[path]) & set(idx.tolist())
+        fresh = torch.tensor([i in set(new[path]) for i in new_idx.tolist()])
+        assert torch.count_nonzero(second[path][1][fresh]) == 0  # new entries start at 0
+    with pytest.raises(lp.LavaConfigError, match="n_ft_iterations"):
+        lt_sft(_net(), cfg, _sgd_steps, sparse, n_ft_iterations=0)

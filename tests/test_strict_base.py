@@ -93,3 +93,36 @@ def test_merged_adapters_hash_the_unmerged_weight_or_say_why_not(tmp_path):
     assert fp["weights"] == {"0": None, "2": None}
     with pytest.raises(IncompatibleBaseModelError, match="merged without a backup"):
         lp.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "merged", strict_base=True)
+
+
+def test_module_adapter_targets_are_hashed_and_checked(tmp_path):
+    """A module adapter (AdaptFormer on each ``mlp``-placed block) records ``[type, in, out]`` per target and a
+    digest of every base weight inside it; ``strict_base`` loads onto the same base and refuses one changed ulp."""
+    from tests._tiny_models import randomize_adapters, tiny_bert
+
+    base = tiny_bert()
+    model = lp.adapt(copy.deepcopy(base), lp.AdaptFormerConfig(r=2))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    fp = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_fingerprint"]
+    assert set(fp["weights"]) == set(fp["modules"]) and all(isinstance(v[0], str) for v in fp["modules"].values())
+    path = next(iter(fp["modules"]))
+    inner = [(n, p) for n, p in base.get_submodule(path).named_parameters()]
+    parts = [f"{n.rsplit('.', 1)[0] if '.' in n else ''}.{n.rsplit('.', 1)[-1]}:"
+             f"{hashlib.sha256(p.detach().contiguous().numpy().tobytes()).hexdigest()}" for n, p in inner]
+    assert fp["weights"][path]["sha256"] == hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    same = lp.AdaptedModel(copy.deepcopy(base))
+    same.load_adapter(str(tmp_path), "a", strict_base=True)
+    x = torch.randint(0, 64, (2, 5))
+    model.eval(), same.eval()
+    same.set_adapter("a")
+    torch.testing.assert_close(same(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        weight = next(changed.get_submodule(path).parameters())
+        weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(float("inf")))
+    other = lp.AdaptedModel(changed)
+    with pytest.raises(IncompatibleBaseModelError, match="differ"):
+        other.load_adapter(str(tmp_path), "a", strict_base=True)
+    assert not other.peft_config
+    other.load_adapter(str(tmp_path), "a")  # names and shapes still fit

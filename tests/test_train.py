@@ -231,7 +231,7 @@ def test_bad_arguments_are_clear():
 
 @pytest.mark.parametrize("config", [
     lambda: lp.DyLoraConfig(r=4, target_modules=["0", "2"], modules_to_save=["6"], factorization="lava"),
-    lambda: lp.MosaConfig(r=4, n_modules=2, target_modules=["0", "2"], modules_to_save=["6"], factorization="lava"),
+    lambda: lp.MosaConfig(adapter="factors", r=4, n_modules=2, target_modules=["0", "2"], modules_to_save=["6"], factorization="lava"),
 ], ids=["dylora", "mosa"])
 def test_resume_continues_the_rank_and_module_draws(tmp_path, digits, config):
     """DyLoRA/MoSA draw a rank/module per training forward: the checkpoint keeps the samplers' clock."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LavaError
 from ..fused_linear import lowrank_linear
 
 
@@ -233,3 +234,108 @@ def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapt
     out_dim = up_t.shape[1]
     h2 = hidden.reshape(-1, hidden.shape[-1]).to(base_out.dtype)
     return torch.addmm(base_out.reshape(-1, out_dim), h2, up_t.to(base_out.dtype)).view(base_out.shape)
+
+
+# =============================================================================== the second kind
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What a module adapter needs to know about the module whose output it transforms.
+
+    ``kind`` is ``"sequence"`` (features in the last dimension: transformer blocks, Linear)
+    or ``"channels"`` (features in dimension 1: ``(N, C, *spatial)`` conv feature maps).
+    ``in_dim`` is the feature size of the module's input (what a parallel adapter reads;
+    ``None`` when the input is not a feature tensor, e.g. token ids), ``out_dim`` that of its
+    output.  ``module_type`` is the class name (recorded in the base-model fingerprint).
+    """
+
+    kind: str
+    in_dim: int | None
+    out_dim: int
+    module_type: str = ""
+
+
+class ModuleAdapter(nn.Module):
+    """Base class of *module adapters*: adapters that transform a module's output instead of
+    adding an increment ``ΔW`` to a weight (bottleneck adapters: Houlsby, Pfeiffer,
+    AdaptFormer, their MoSA and 1-bit variants, a binary classifier head).
+
+    A :class:`~lava_peft.module_layers.ModuleAdapterHost` calls, for every active adapter,
+    ``out = adapter(x, out)`` where ``x`` is the first tensor input of the module and
+    ``out`` its (tensor) output.  Everything else — set/disable, mixed batches, save/load,
+    ``modules_to_save``, parameter counting — is the model's, as for weight adapters.
+
+    Hooks (defaults given here):
+
+    * ``forward(x, out)`` — the new output (e.g. ``out + s·Up(act(Down(x)))``);
+    * ``reads_input`` — whether ``forward`` needs ``x`` (parallel adapters);
+    * ``merge_refusal()`` — why the adapter cannot be folded into the base weights
+      (a nonlinear function of the activations has no ``ΔW``); ``merge_adapter`` raises it
+      and changes nothing;
+    * ``regularization()``, ``batchable_regularization_factors()``, ``step_clock()`` — as
+      on :class:`DeltaAdapter`;
+    * ``check_module(spec, config, name)`` / ``for_module(spec, config, name)`` —
+      classmethods: refuse a module, build the adapter for one module;
+    * ``extra_targets(config)`` — module names the config adapts besides ``target_modules``
+      (e.g. a binary classifier head);
+    * ``averageable_with(other)`` — whether parameter averaging with ``other`` is defined
+      (same class and tensor shapes), used by weighted combination.
+    """
+
+    reads_input: bool = False
+
+    def __init__(self, spec: ModuleSpec, config, module_name: str):
+        super().__init__()
+        self.spec = spec
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(bf16)`` / ``.half()`` keeps the adapter's floating-point parameters in fp32 (as
+        :meth:`DeltaAdapter._apply`); the forward casts them to the activation dtype."""
+        super()._apply(fn, recurse)
+        for param in self.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad = param.grad.float()
+        return self
+
+    def forward(self, x, out):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def merge_refusal(self) -> str:
+        return (f"{type(self).__name__} transforms the module's output with a nonlinear function, which no "
+                "weight increment ΔW can express; keep it unmerged (it costs one small MLP per adapted module)")
+
+    def delta_weight(self) -> torch.Tensor:
+        raise LavaError(self.merge_refusal())
+
+    def regularization(self) -> torch.Tensor | None:
+        return None
+
+    def batchable_regularization_factors(self) -> list[torch.Tensor] | None:
+        return None
+
+    def step_clock(self):
+        return None
+
+    def sparse_delta(self):
+        return None
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, _ in self.named_parameters()]
+
+    def averageable_with(self, other: "ModuleAdapter") -> bool:
+        mine, theirs = self.state_dict(), other.state_dict()
+        return type(self) is type(other) and mine.keys() == theirs.keys() and all(
+            mine[k].shape == theirs[k].shape for k in mine)
+
+    @classmethod
+    def extra_targets(cls, config) -> list[str]:
+        return []
+
+    @classmethod
+    def for_module(cls, spec: ModuleSpec, config, module_name: str) -> "ModuleAdapter":
+        return cls(spec, config, module_name)
+
+    @classmethod
+    def check_module(cls, spec: ModuleSpec, config, module_name: str) -> None:
+        """Raise a clear error if this adapter cannot transform the module (before anything is modified)."""

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, LavaConfigError, LavaError
 from .base import LayerSpec
-from ..lowbit import dequantize, fake_quantize, pack_codes, packed_size, quantize, unpack_codes
+from ..lowbit import check_codebook, dequantize, fake_quantize, pack_codes, packed_size, quantize, unpack_codes
 from .factorized import FactorizedAdapter, FactorizedConfig, register_factorized
 from .lava import LavaAdapter
 from .lora import LoraAdapter
@@ -65,6 +65,9 @@ class LowBitConfig(FactorizedConfig):
             ``"down"`` (``A``/``V``); LAVA spatial factors only with ``"all"``.
         init: ``"zero_delta"`` (ΔW = 0 at init, default) or ``"paper"`` (quantized zero
             factors start as a ±2e-3-truncated normal with std 1e-3: ΔW ≠ 0 at init).
+        codebook: ``"exact"`` (the converged Gaussian-median codebook) or ``"reference"`` (the reference
+            code's 500-step fixed-point values, :func:`lava_peft.lowbit.reference_codebook`; equal up to
+            4 bits, different from 5 bits on).
         keep_latent: also save the fp32 latent factors (needed to resume training).
         factor_init: the underlying method's ``init`` (LoRA: ``"default"``/``"gaussian"``;
             LAVA: ``"orthogonal"``/``"lora"``); ``None`` = its default.
@@ -86,6 +89,7 @@ class LowBitConfig(FactorizedConfig):
     lava_only = ("orth_lambda",)
 
     bits: int = 1
+    codebook: str = "exact"
     quantize: str = "all"
     init: str = "zero_delta"
     keep_latent: bool = False
@@ -99,6 +103,7 @@ class LowBitConfig(FactorizedConfig):
             raise LavaConfigError(
                 f"LowBitConfig.bits must be an integer from 1 to 8 (bits per stored weight); got {self.bits!r}"
             )
+        check_codebook(self.codebook)
         if self.quantize not in ("all", "up", "down"):
             raise LavaConfigError(f"LowBitConfig.quantize must be 'all', 'up' or 'down'; got {self.quantize!r}")
         if self.init not in ("zero_delta", "paper"):
@@ -115,6 +120,7 @@ class LowBitAdapter(FactorizedAdapter):
     def __init__(self, spec: LayerSpec, config: LowBitConfig, module_name: str):
         super().__init__(spec, config.factor_config(), module_name)
         self.bits = config.bits
+        self.codebook = config.codebook
         self.keep_latent = config.keep_latent
         keys = {"up": (self._UP,), "down": (self._DOWN,)}.get(config.quantize, self.factor_keys())
         self.quantized_keys: tuple[str, ...] = keys
@@ -147,7 +153,7 @@ class LowBitAdapter(FactorizedAdapter):
         if key not in self.quantized_keys:
             return param
         if not self.is_frozen(key):
-            return fake_quantize(param, self.bits)
+            return fake_quantize(param, self.bits, codebook=self.codebook)
         if self.training and torch.is_grad_enabled() and param.requires_grad:
             raise LavaError(
                 f"this low-bit adapter was loaded from bit-packed codes without its fp32 latent factors "
@@ -157,7 +163,7 @@ class LowBitAdapter(FactorizedAdapter):
         slot = self._slot(key)
         codes = unpack_codes(self._buffers[f"{slot}_qcodes"], self.bits, param.numel()).view(param.shape)
         stats = self._buffers[f"{slot}_qstats"]
-        return dequantize(codes, stats[0], stats[1], self.bits)
+        return dequantize(codes, stats[0], stats[1], self.bits, self.codebook)
 
     # -- files ----------------------------------------------------------------------
     def _packed_state(self, key: str) -> dict[str, torch.Tensor]:
@@ -167,7 +173,7 @@ class LowBitAdapter(FactorizedAdapter):
             slot = self._slot(key)
             return {s: self._buffers[f"{slot}_q{s}"] for s in _PACKED_SUFFIXES}
         latent = self.latent_factor(key)
-        codes, stats = quantize(latent, self.bits)
+        codes, stats = quantize(latent, self.bits, self.codebook)
         shape = torch.tensor(list(latent.shape), dtype=torch.int64, device=latent.device)
         return {"codes": pack_codes(codes, self.bits), "stats": stats, "shape": shape}
 
@@ -201,7 +207,7 @@ class LowBitAdapter(FactorizedAdapter):
         device = latent.device
         values = unpack_codes(codes.to(device), self.bits, latent.numel()).view(latent.shape)
         stats = stats.to(device)
-        return dequantize(values, stats[0], stats[1], self.bits)
+        return dequantize(values, stats[0], stats[1], self.bits, self.codebook)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

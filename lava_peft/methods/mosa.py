@@ -77,24 +77,31 @@ split factor at every step.  On convs a training forward runs LAVA's separable C
 from __future__ import annotations
 
 import math
-import zlib
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 import torch
 
+from ..config import AdapterConfig
 from ..errors import LavaConfigError
 from .base import LayerSpec
+from .bottleneck import AdaptFormerConfig, BottleneckConfig, HoulsbyConfig, PfeifferConfig
+from .bottleneck_mosa import MosaBottleneckAdapter
 from .cp_conv import cp_conv_separable
 from .factors import Factors
 from .factorized import (FACTORIZATIONS, FactorizedAdapter, FactorizedConfig, StepCounter,  # noqa: F401
                          in_backward, register_factorized, shared_per_config)
 from .lava import LavaAdapter
 from .lora import LoraAdapter
-from .sparse_masks import MaskInputs, non_overlapping_masks, random_scores
+from .mosa_sampling import ModuleSampler, _owner_buffer, partition, partition_seed  # noqa: F401
 
-SPLITS = ("up", "down", "all")
+SPLITS = ("zero", "up", "down", "all")
+ADAPTERS = ("adaptformer", "houlsby", "pfeiffer", "factors")
+# the reference code's settings per bottleneck style (Theia-4869/MoSA vit_mosa.py): placement, mode, act, LN, scale
+_STYLE = {"adaptformer": ("mlp", "parallel", "gelu", True, 0.1),
+          "houlsby": ("attention-output+ffn-output", "sequential", "silu", False, 1.0),
+          "pfeiffer": ("ffn-output", "sequential", "relu", True, 1.0)}
 MODULE_SAMPLING = ("per_layer", "global")
-_SEED_MOD = 2**63
 
 
 # =============================================================================== config
@@ -126,29 +133,62 @@ class MosaConfig(FactorizedConfig):
     }
 
     @classmethod
-    def from_cli(cls, opts, common):
-        return cls(n_modules=opts["n_modules"], seed=opts["seed"], **common)
+    def from_cli(cls, opts, common):  # `lava train` targets weight layers: the factor variant
+        return cls(n_modules=opts["n_modules"], seed=opts["seed"], adapter="factors", **common)
 
     peft_export_refusal: ClassVar[str | None] = (
         "adapter {name!r} is a MoSA adapter (split into sparse modules while training); merge its modules "
         "into a plain LoRA/LAVA adapter first: lava_peft.tools.mosa.merge_modules(model, name), then export")
 
     n_modules: int = 4
-    split: str = "up"
+    adapter: str = "adaptformer"
+    split: str = "zero"
+    scale: float | None = None
+    activation: str | None = None
+    layer_norm: bool | None = None
+    bias: bool = True
+    mode: str | None = None
+    dropout_position: str = "hidden"
     rescale: bool = True
     seed: int = 0
     module_sampling: str = "per_layer"
     init: str | None = None
     orth_lambda: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.target_modules is None and self.adapter in _STYLE:
+            self.target_modules = _STYLE[self.adapter][0]
+        super().__post_init__()
+
+    def adapter_type(self) -> type:
+        """:class:`~.bottleneck_mosa.MosaBottleneckAdapter` (a module adapter) unless ``adapter="factors"``."""
+        return MosaAdapter if self.adapter == "factors" else MosaBottleneckAdapter
+
+    def bottleneck_config(self) -> BottleneckConfig:
+        """The plain bottleneck adapter MoSA splits (what :func:`~lava_peft.tools.mosa.merge_modules` gives)."""
+        placement, mode, activation, layer_norm, scale = _STYLE[self.adapter]
+        cls = {"adaptformer": AdaptFormerConfig, "houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig}[self.adapter]
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
+        return cls(**shared, mode=self.mode or mode, activation=self.activation or activation,
+                   layer_norm=layer_norm if self.layer_norm is None else self.layer_norm,
+                   scale=scale if self.scale is None else self.scale, bias=self.bias,
+                   dropout_position=self.dropout_position)
+
     def validate_fields(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise LavaConfigError(
+                f"MosaConfig.adapter must be one of {ADAPTERS} (a bottleneck adapter split into N copies as in the "
+                f"reference, or 'factors': LoRA/LAVA factors); got {self.adapter!r}")
+        if self.adapter != "factors":
+            self.bottleneck_config()  # its own checks (mode, activation, scale, ...)
         if isinstance(self.n_modules, bool) or not isinstance(self.n_modules, int) or self.n_modules < 2:
             raise LavaConfigError(
                 f"MosaConfig.n_modules must be an integer >= 2 (the number of sparse modules); got {self.n_modules!r}. "
                 "With one module MoSA is the plain adapter: use LoraConfig / LavaConfig"
             )
         if self.split not in SPLITS:
-            raise LavaConfigError(f"MosaConfig.split must be 'up', 'down' or 'all'; got {self.split!r}")
+            raise LavaConfigError(f"MosaConfig.split must be one of {SPLITS} ('zero': the factor that starts at 0, "
+                                  f"LoRA's B, LAVA's V, the bottleneck's Up); got {self.split!r}")
         if not isinstance(self.rescale, bool):
             raise LavaConfigError(f"MosaConfig.rescale must be True or False; got {self.rescale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -158,88 +198,6 @@ class MosaConfig(FactorizedConfig):
                 f"MosaConfig.module_sampling must be 'per_layer' (each layer draws its module) or 'global' (one "
                 f"module per forward for every layer); got {self.module_sampling!r}"
             )
-
-
-# =============================================================================== partitions
-def partition_seed(seed: int, module_path: str, factor: str) -> int:
-    """Seed of the partition of ``factor`` (e.g. ``"lora_B"``, ``"lava_P.0"``) of the layer at ``module_path``.
-
-    ``(seed · 1000003 + crc32("<module_path>:<factor>")) mod 2^63``: stable across processes
-    (unlike Python's ``hash``), different for every layer and factor.
-    """
-    return (int(seed) * 1_000_003 + zlib.crc32(f"{module_path}:{factor}".encode())) % _SEED_MOD
-
-
-def partition(shape: tuple[int, ...], n_modules: int, seed: int) -> torch.Tensor:
-    """Owner tensor of ``shape``: entry ``e`` belongs to module ``owner[e]`` (``uint8``).
-
-    Module ``k`` gets the ``k``-th consecutive slice of ``randperm(numel)`` (seeded with
-    ``seed``); slice sizes ``⌊n/N⌋ + [k < n mod N]``.
-    """
-    numel = math.prod(shape)
-    if not 1 <= n_modules <= numel:
-        raise LavaConfigError(f"cannot split {numel} entries into {n_modules} non-empty modules")
-    base, extra = divmod(numel, n_modules)
-    budgets = [base + (k < extra) for k in range(n_modules)]
-    scores = random_scores(MaskInputs(tuple(shape), budget=numel, seed=seed))
-    owner = torch.empty(numel, dtype=torch.uint8 if n_modules <= 256 else torch.int32)
-    for k, idx in enumerate(non_overlapping_masks(scores, budgets)):
-        owner[idx] = k
-    return owner.view(tuple(shape))
-
-
-def _owner_buffer(key: str) -> str:
-    return "mosa_owner_" + key.replace(".", "_")
-
-
-# =============================================================================== controller
-class ModuleSampler(StepCounter):
-    """Chooses the module of every (training forward, layer) for the adapters of one adapter name.
-
-    ``module(t, ℓ)`` is a pure function of ``(seed, t, ℓ)`` (module docstring); ``draw(ℓ)``
-    is what a layer calls once per training forward: it advances :attr:`step` when layer
-    ``ℓ`` already drew in the current step.  Precedence: :attr:`avoid` (a module per layer
-    that this forward must differ from), then :attr:`fixed` (:func:`~lava_peft.tools.mosa.set_module`), then the draw.
-
-    Attributes:
-        step: the index of the current training forward (set it to resume a run exactly).
-        fixed: the module every layer uses, or ``None`` (random draws).
-        avoid: ``{layer index: module}`` the next draws must differ from, or ``None``.
-    """
-
-    def __init__(self, seed: int, n_modules: int, mode: str):
-        super().__init__()
-        self.seed, self.n_modules, self.mode = int(seed), int(n_modules), mode
-        self.fixed: int | None = None
-        self.avoid: dict[int, int] | None = None
-        self._cache: tuple | None = None
-
-    def _draws(self, step: int) -> tuple[list[int], list[int]]:
-        """``(g_t, o_t)``: per layer (one entry in ``"global"`` mode) a module and an offset in ``[0, N−1)``."""
-        key = (step, self._n_layers)
-        if self._cache is None or self._cache[0] != key:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % _SEED_MOD)
-            width = 1 if self.mode == "global" else max(self._n_layers, 1)
-            first = torch.randint(self.n_modules, (width,), generator=gen).tolist()
-            offset = torch.randint(self.n_modules - 1, (width,), generator=gen).tolist()
-            self._cache = (key, first, offset)
-        return self._cache[1], self._cache[2]
-
-    def module(self, step: int, layer: int, avoid: int | None = None) -> int:
-        """The module of ``layer`` at ``step`` (pure); with ``avoid``, uniformly one of the other ``N − 1``."""
-        first, offset = self._draws(step)
-        i = 0 if self.mode == "global" else layer
-        if avoid is None:
-            return first[i]
-        return (avoid + 1 + offset[i]) % self.n_modules
-
-    def draw(self, layer: int) -> int:
-        step = self.tick(layer)
-        if self.avoid is not None and layer in self.avoid:
-            return self.module(step, layer, self.avoid[layer])
-        if self.fixed is not None:
-            return self.fixed
-        return self.module(step, layer)
 
 
 # =============================================================================== adapters
@@ -258,7 +216,7 @@ class MosaAdapter(FactorizedAdapter):
     def __init__(self, spec: LayerSpec, config: MosaConfig, module_name: str):
         super().__init__(spec, config.plain_config(), module_name)
         self.n_modules = config.n_modules
-        self.split_keys = _split_keys(type(self), config.split, self.factor_shapes(spec, self.r))
+        self.split_keys = _split_keys(type(self), config.split, self.factor_shapes(spec, self.r), self)
         self.train_scale = self.scale * (self.n_modules ** len(self.split_keys) if config.rescale else 1)
         for key in self.split_keys:
             seed = partition_seed(config.seed, module_name, key)
@@ -376,7 +334,14 @@ class MosaLavaAdapter(MosaAdapter, LavaAdapter):
                                  base_out.dtype, base_out)
 
 
-def _split_keys(cls: type[MosaAdapter], split: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+def _split_keys(cls: type[MosaAdapter], split: str, shapes: dict[str, tuple[int, ...]],
+                adapter: MosaAdapter | None = None) -> tuple[str, ...]:
+    """The split factors; ``"zero"``: the factor that starts at zero (the adapter's, or both candidates
+    when only shapes are known: ``check_layer`` then checks both)."""
+    if split == "zero":
+        if adapter is None:
+            return (cls._UP, cls._DOWN)
+        return (cls._UP,) if not torch.count_nonzero(adapter.factor(cls._UP)) else (cls._DOWN,)
     if split == "up":
         return (cls._UP,)
     if split == "down":

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from ..errors import LavaConfigError, LavaError
 from ..methods.lava import LavaConfig
 from ..methods.lora import LoraConfig
+from ..methods.bottleneck import BottleneckAdapter, BottleneckConfig
+from ..methods.bottleneck_mosa import MosaBottleneckAdapter
 from ..methods.mosa import ModuleSampler, MosaConfig, _check_module
 from ..train.checkpoint import unwrap
 from ..train.trainer import classification_loss, default_forward
@@ -46,8 +48,14 @@ def set_module(model, k: int | None, adapter_name: str | None = None) -> None:
     layers[0][1]._sampler.fixed = k
 
 
-def merge_modules(model, adapter_name: str | None = None) -> LoraConfig | LavaConfig:
-    """Turn MoSA adapter ``adapter_name`` into the plain ``"lora"`` / ``"lava"`` adapter of its full factors.
+def merge_modules(model, adapter_name: str | None = None) -> LoraConfig | LavaConfig | BottleneckConfig:
+    """Turn MoSA adapter ``adapter_name`` into the plain adapter it merges to.
+
+    **Bottleneck variant** (``adapter="adaptformer"|"houlsby"|"pfeiffer"``, the default): the plain
+    bottleneck adapter whose split tensors are the *mean* of their ``N`` copies (the reference's
+    merge); its evaluation outputs equal the MoSA adapter's.
+
+    **Factor variant** (``adapter="factors"``): the plain ``"lora"`` / ``"lava"`` adapter of its full factors.
 
     The sum of the modules is the full factors, so each layer gets a plain adapter with the
     same tensors (same name, rank, scale, dropout; ``modules_to_save`` copies and the
@@ -58,6 +66,8 @@ def merge_modules(model, adapter_name: str | None = None) -> LoraConfig | LavaCo
     """
     model = _unwrap(model)
     name, config, layers = _mosa(model, adapter_name)
+    if config.adapter != "factors":
+        return _merge_bottleneck(model, name, config, layers)
     plain = config.plain_config()
     new = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the plain init's draws are overwritten
@@ -69,6 +79,27 @@ def merge_modules(model, adapter_name: str | None = None) -> LoraConfig | LavaCo
             new[path] = adapter
     model.replace_adapter(name, plain, new)  # requires_grad by name, as for any adapter
     return plain
+
+
+def _merge_bottleneck(model, name, config, layers) -> BottleneckConfig:
+    plain = config.bottleneck_config()
+    new = {}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for path, old in layers:
+            adapter = BottleneckAdapter(old.spec, plain, path)
+            adapter.load_state_dict(old.merged_state())
+            adapter.to(device=old.down_weight.device if "down_weight" in old._parameters else None)
+            adapter.train(old.training)
+            new[path] = adapter
+    model.replace_adapter(name, plain, new)  # requires_grad by name, as for any adapter
+    return plain
+
+
+def _last_draws(adapter) -> dict[int, int]:
+    """``{draw index: module}`` of an adapter's latest training forward (both variants)."""
+    if isinstance(adapter, MosaBottleneckAdapter):
+        return {adapter.draw_index[p]: k for p, k in adapter.last_draws.items()}
+    return {} if adapter.last_module is None else {adapter._index: adapter.last_module}
 
 
 # =============================================================================== consistency objective
@@ -118,12 +149,13 @@ def _active_samplers(model, adapter_name: str | None) -> list[tuple[ModuleSample
 
 
 def mosa_consistency_loss(model, batch, forward_fn: Callable | None = None, adapter_name: str | None = None,
-                          modules: tuple[int, int] | None = None) -> ConsistencyOutput:
-    """Two training forwards of ``batch`` with different modules and the symmetric KL between them.
+                          modules: tuple[int, int] | None = None, distinct: bool = False) -> ConsistencyOutput:
+    """Two training forwards of ``batch`` with independently drawn modules and the symmetric KL between them.
 
-    Forward A draws its modules as usual; forward B uses, in every layer, a module drawn
-    uniformly among the ``N − 1`` others (``modules=(ka, kb)`` instead fixes module ``ka``
-    then ``kb`` in every layer).  Base-model dropout also differs between the two, as in
+    Both forwards draw their modules as usual, independently (the reference: each forward
+    samples every block's modules afresh, so they may coincide); ``distinct=True`` makes forward
+    B use, in every layer, a module drawn uniformly among the ``N − 1`` others; ``modules=(ka, kb)``
+    instead fixes module ``ka`` then ``kb`` in every layer.  Base-model dropout also differs between the two, as in
     R-Drop.  The reference objective is ``CE(logits_a, y) + 1.0·loss`` (no CE on B):
     :func:`mosa_loss_fn` builds it for :class:`lava_peft.Trainer`.
 
@@ -167,8 +199,8 @@ def mosa_consistency_loss(model, batch, forward_fn: Callable | None = None, adap
         for sampler, layers in groups:
             if modules is not None:
                 sampler.fixed = modules[1]
-            else:
-                sampler.avoid = {a._index: a.last_module for a in layers if a.last_module is not None}
+            elif distinct:
+                sampler.avoid = {i: k for a in layers for i, k in _last_draws(a).items()}
         logits_b = forward_fn(model, batch)
     finally:
         for (sampler, _), fixed in zip(groups, before):
@@ -183,7 +215,7 @@ def mosa_consistency_loss(model, batch, forward_fn: Callable | None = None, adap
 
 def mosa_loss_fn(weight: float = 1.0, forward_fn: Callable | None = None,
                  task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 adapter_name: str | None = None) -> Callable:
+                 adapter_name: str | None = None, distinct: bool = False) -> Callable:
     """A ``loss_fn(model, batch) -> (loss, logits)`` for :class:`lava_peft.Trainer` (its objective hook).
 
     Training: ``task_loss(logits_a, labels) + weight · symmetric KL`` from
@@ -200,7 +232,7 @@ def mosa_loss_fn(weight: float = 1.0, forward_fn: Callable | None = None,
         if not model.training:
             logits = fwd(model, batch)
             return task(logits, batch["labels"]), logits
-        out = mosa_consistency_loss(model, batch, fwd, adapter_name)
+        out = mosa_consistency_loss(model, batch, fwd, adapter_name, distinct=distinct)
         return task(out.logits_a, batch["labels"]) + weight * out.loss, out.logits_a
 
     return loss_fn
