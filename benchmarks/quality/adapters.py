@@ -2,8 +2,8 @@
 
     nice -n 10 python -m benchmarks.quality.adapters --out benchmarks/results
 
-Two real tasks, small subsets, one epoch (512 / 500 MiniLM and 1024 / 1000 MobileNetV2 training /
-held-out examples: 32 optimizer steps each), sized so that 42 runs finish in about half an hour
+Two real tasks, small subsets, one epoch (768 / 400 MiniLM and 1024 / 1000 MobileNetV2 training /
+held-out examples: 48 and 32 optimizer steps; lr 5e-3 and 2e-3), sized so that 42 runs finish in about half an hour
 on a 2-core CPU shared with other jobs (one torch thread: with two, OpenMP threads spin against
 the other jobs and a step takes ~20x longer).  The numbers compare the methods after 32 steps;
 they say nothing about converged accuracy.
@@ -52,7 +52,8 @@ from .common import lr_factor, run_meta
 LR = 2e-3
 WEIGHT_DECAY = 0.01
 TASKS = {
-    "minilm": dict(model="minilm", data="rotten_tomatoes", n_train=512, n_eval=500, max_len=48, batch_size=16),
+    "minilm": dict(model="minilm", data="rotten_tomatoes", n_train=768, n_eval=400, max_len=32, batch_size=16,
+                   lr=5e-3),
     "mobilenet": dict(model="mobilenet_v2", data="fashion_mnist", n_train=1024, n_eval=1000, image_size=32,
                       batch_size=32),
 }
@@ -123,9 +124,9 @@ def build(variant: str, task_key: str, task, budget: int | None, seed: int):
     return lp.adapt(base, config), config.r
 
 
-def train(model, data, batch_size: int, seed: int, mosa: bool) -> float:
+def train(model, data, batch_size: int, seed: int, mosa: bool, lr: float = LR) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
     n = len(data["labels"])
     total = math.ceil(n / batch_size)
     warmup = max(1, int(0.06 * total))
@@ -175,6 +176,7 @@ def run_task(task_key: str, seeds, variants, threads: int, smoke: bool = False) 
     if smoke:
         spec.update(n_train=64, n_eval=64)
     batch_size = spec.pop("batch_size")
+    lr = spec.pop("lr", LR)
     task = build_task(seed=0, **spec)
     budget = _adapter_params(lp.adapt(copy.deepcopy(task.model), bottleneck_configs(task_key, task.heads)["adaptformer"]))
     runs = []
@@ -186,9 +188,9 @@ def run_task(task_key: str, seeds, variants, threads: int, smoke: bool = False) 
             effective = trained
             if variant == "mosa":  # merged adapter = the AdaptFormer row's size
                 effective = sum(t.numel() for _, a in model.adapter_layers() for t in a.merged_state().values())
-            train_s = train(model, task.train, batch_size, seed, mosa=variant == "mosa")
+            train_s = train(model, task.train, batch_size, seed, mosa=variant == "mosa", lr=lr)
             acc = accuracy(model, task.eval)
-            row = {"task": task_key, "variant": variant, "seed": seed, "rank_or_bottleneck": r,
+            row = {"task": task_key, "variant": variant, "seed": seed, "rank_or_bottleneck": r, "lr": lr,
                    "accuracy": acc, "adapter_params_trained": trained, "adapter_params_merged": effective,
                    "train_s": round(train_s, 1), **sizes(model)}
             print(json.dumps(row), flush=True)
@@ -268,6 +270,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="64 training / 64 evaluation examples (a wiring check)")
     parser.add_argument("--render", action="store_true", help="only rewrite <out>/adapters.md from <out>/adapters.json")
+    parser.add_argument("--reuse-log", default=None,
+                        help="a log of an earlier run (one JSON line per run): its runs of --reuse-tasks join the table")
+    parser.add_argument("--reuse-tasks", default="", help="tasks taken from --reuse-log instead of being run")
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads((Path(args.out) / "adapters.json").read_text())
@@ -278,12 +283,18 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     runs = []
+    reuse = [t for t in args.reuse_tasks.split(",") if t]
+    if args.reuse_log:
+        for line in Path(args.reuse_log).read_text().splitlines():
+            if line.startswith("{") and json.loads(line)["task"] in reuse:
+                runs.append(json.loads(line))
     for task_key in args.tasks.split(","):
-        runs += run_task(task_key, seeds, variants, args.threads, args.smoke)
+        if task_key not in reuse:
+            runs += run_task(task_key, seeds, variants, args.threads, args.smoke)
     rows = summarize(runs)
     meta = run_meta("benchmarks.quality.adapters", list(argv if argv is not None else sys.argv[1:]), args.threads,
                     {"tasks": {k: TASKS[k] for k in args.tasks.split(",")}, "lr": LR, "weight_decay": WEIGHT_DECAY,
-                     "epochs": 1, "seeds": seeds}, wall)
+                     "epochs": 1, "seeds": seeds, "reused_from_log": {t: args.reuse_log for t in reuse}}, wall)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapters.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
