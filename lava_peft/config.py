@@ -367,7 +367,8 @@ def _pattern_lookup(pattern: dict, module_name: str, default: Any) -> Any:
 
 
 FORMAT_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"lava": {"conv_path": "auto"},
+    1: {"lava": {"conv_path": "auto", "factorization": "cp", "use_dora": False},
+        "lora": {"conv_path": "auto", "use_dora": False},  # format-1 LoRA convs: the weight path (same numbers)
         # MoSA files written before the bottleneck variant: the factor variant, its split of U/B
         "mosa": {"adapter": "factors", "scale": None, "activation": None, "layer_norm": None, "bias": True,
                  "mode": None, "dropout_position": "hidden"},
