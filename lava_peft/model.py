@@ -9,6 +9,8 @@ was.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -29,6 +31,42 @@ from .inject import (
 from .model_files import AdapterFiles
 from .targets import resolve_for_model, untrained_new_modules
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
+
+
+class _BoundForward:
+    """``AdaptedModel.forward`` bound to a model; ``inspect.signature`` gives the wrapped model's forward
+    signature plus ``adapter_names``, so that callers that pick inputs by the signature (transformers'
+    ``Trainer`` drops dataset columns the forward does not name) see the real inputs, as for PEFT models."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func, owner):
+        self.__func__, self.__self__ = func, owner
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            base = inspect.signature(self.__self__.model.forward)
+        except (TypeError, ValueError):
+            return inspect.signature(functools.partial(self.__func__, self.__self__))
+        params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        return base.replace(parameters=params[:at] + [extra] + params[at:])
+
+
+class _ForwardWithBaseSignature:
+    """Descriptor for :meth:`AdaptedModel.forward` (see :class:`_BoundForward`)."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, owner, owner_type=None):
+        return self.func if owner is None else _BoundForward(self.func, owner)
 
 
 @dataclass
@@ -94,6 +132,8 @@ class AdaptedModel(AdapterFiles, nn.Module):
             return self.model(*args, **kwargs)
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
+
+    forward = _ForwardWithBaseSignature(forward)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """``model.generate`` of the wrapped transformers model; ``adapter_names`` gives one adapter
