@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from .errors import AdapterFileError, AdapterNameError, LavaConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the on-disk adapter format (``adapter_config.json`` / safetensors layout).  2: adapters PEFT can
 represent are written in HF PEFT's key layout with PEFT's config fields (``layout: "peft"``); the
 PEFT-named config fields (task_type, ...) exist; pattern keys follow PEFT's first-match rule."""

@@ -30,9 +30,6 @@ from .methods.factors import factor_codec
 from .peft_common import LORA_KEY, PREFIX, conv_matches_peft, lora_config_fields, lora_tensors
 
 
-_NATIVE_OFF = True  # TEMP: staged commit
-
-
 class AdapterFiles:
     """``save_pretrained`` / ``load_adapter`` and the state they read and write (mixed into ``AdaptedModel``)."""
 
@@ -64,7 +61,7 @@ class AdapterFiles:
         """
         config = self.peft_config[adapter_name]
         codec = factor_codec(config.method)
-        if _NATIVE_OFF or codec is None or config.peft_export is not None or config.peft_export_refusal is not None:
+        if codec is None or config.peft_export is not None or config.peft_export_refusal is not None:
             return None
         keys, ranks, alphas, fan_in_fan_out = None, {}, {}, False
         for path, layer in adapted_layers(self.model):

@@ -250,9 +250,9 @@ def _grad_state(params: list[nn.Parameter]) -> bool | str:
 
 
 def _layer_status(name: str, module: nn.Module, adapters: dict[str, nn.Module], merged: list[str],
-                  active: list[str], base: nn.Module, kind: str) -> TunerLayerStatus:
+                  active: list[str], base: nn.Module, module_type: str) -> TunerLayerStatus:
     return TunerLayerStatus(
-        name=name, module_type=f"{kind}.{type(base).__name__}", enabled=not module.disabled,
+        name=name, module_type=module_type, enabled=not module.disabled,
         active_adapters=list(active), merged_adapters=list(merged),
         requires_grad={n: _grad_state(list(a.parameters())) for n, a in adapters.items()},
         available_adapters=sorted(adapters),
@@ -262,8 +262,8 @@ def _layer_status(name: str, module: nn.Module, adapters: dict[str, nn.Module], 
 
 
 def get_layer_status(model: AdaptedModel) -> list[TunerLayerStatus]:
-    """One :class:`TunerLayerStatus` per adapted layer and ``modules_to_save`` module; names as PEFT reports them
-    (``model.<module path>``)."""
+    """One :class:`TunerLayerStatus` per adapted layer and ``modules_to_save`` module; names and module types as
+    PEFT reports them (``model.<module path>``; ``<method>.<layer type>``, ``ModulesToSaveWrapper``)."""
     if not isinstance(model, AdaptedModel):
         raise LavaError(f"get_layer_status needs a lava-peft model (lp.get_peft_model / lp.adapt); got "
                         f"{type(model).__name__}")
@@ -271,11 +271,12 @@ def get_layer_status(model: AdaptedModel) -> list[TunerLayerStatus]:
     for path, layer in adapted_layers(model.model):
         methods = sorted({model.peft_config[n].method for n in layer.adapters if n in model.peft_config})
         out.append(_layer_status(f"model.{path}", layer, dict(layer.adapters), layer.merged_adapters,
-                                 layer.active_adapters, layer.base_layer, "+".join(methods)))
+                                 layer.active_adapters, layer.base_layer,
+                                 f"{'+'.join(methods)}.{type(layer.base_layer).__name__}"))
     for path, wrapper in saved_module_wrappers(model.model):
         active = [wrapper.active_copy] if wrapper.active_copy is not None else []
         out.append(_layer_status(f"model.{path}", wrapper, dict(wrapper.copies), [], active,
-                                 wrapper.original_module, "modules_to_save"))
+                                 wrapper.original_module, "ModulesToSaveWrapper"))
     return out
 
 
