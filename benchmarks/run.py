@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quant", choices=["bnb-4bit", "torchao-int8"], help="quantize the base linears (llm / llm-quant)")
     p.add_argument("--orth-lambda", type=float, default=0.1)
     p.add_argument("--shira", action="store_true", help="text scenarios: add SHiRA rows (HF PEFT and ours, r·(O+I) entries)")
+    p.add_argument("--dora", action="store_true", help="text scenarios: add DoRA rows (HF PEFT use_dora, our LoRA and LAVA with use_dora)")
     p.add_argument("--ablation", action="store_true",
                    help="text scenarios: add rows with the linear fast-path changes undone one at a time")
     # sizes (0/None = the scenario's full-size default)

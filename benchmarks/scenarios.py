@@ -89,6 +89,8 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
         kinds = ["frozen", "peft-lora", "lava-lora", "lava"]
         if getattr(args, "shira", False):
             kinds += ["peft-shira", "lava-shira"]
+        if getattr(args, "dora", False):
+            kinds += ["peft-dora", "lava-lora-dora", "lava-dora"]
         if mode == "eager" and getattr(args, "ablation", False):
             from .ablation import STAGES
 
@@ -113,6 +115,21 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
 
                 model = get_peft_model(model, ShiraConfig(r=r, target_modules=targets, random_seed=0))
                 role, notes = "peft", f"HF PEFT ShiraConfig(r={r}) random mask: r·(O+I) entries per layer"
+            elif kind == "peft-dora":
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                                                         use_dora=True))
+                role, notes = "peft", f"HF PEFT LoraConfig(r={r}, lora_alpha={alpha}, use_dora=True)"
+            elif kind == "lava-lora-dora":
+                model = lp.adapt(model, lp.LoraConfig(r=r, alpha=alpha, target_modules=lava_targets, use_dora=True))
+                role, notes = "lava", f"lava_peft LoraConfig(r={r}, alpha={alpha}, use_dora=True)"
+            elif kind == "lava-dora":
+                model = lp.adapt(model, lp.LavaConfig(r=r, alpha=alpha, target_modules=lava_targets, use_dora=True,
+                                                      orth_lambda=args.orth_lambda))
+                reg_model = model
+                role = "lava"
+                notes = f"lava_peft LavaConfig(r={r}, alpha={alpha}, use_dora=True, orth_lambda={args.orth_lambda})"
             elif kind == "lava-shira":
                 model = lp.adapt(model, lp.ShiraConfig(r=r, target_modules=lava_targets))
                 role, notes = "lava", f"lava_peft ShiraConfig(r={r}) random mask, the same entries as PEFT's"
@@ -154,6 +171,8 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
                 return loss
 
             peft_ref = ("peft-shira" + suffix) if kind.endswith("-shira") else None  # SHiRA vs PEFT's SHiRA
+            if kind.endswith("-dora") and kind != "peft-dora":
+                peft_ref = "peft-dora" + suffix  # DoRA vs PEFT's DoRA
             variants.append(Variant(name, model, step, make_batch, units, role=role, group=mode, notes=notes,
                                     peft_ref=peft_ref))
     return variants

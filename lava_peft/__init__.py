@@ -92,3 +92,12 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]
+
+
+def __getattr__(name: str):
+    """``lp.RankingAdapter`` / ``lp.RankingConfig`` without importing the ranking pipeline at start-up."""
+    if name in ("RankingAdapter", "RankingConfig"):
+        from . import ranking
+
+        return getattr(ranking, name)
+    raise AttributeError(f"module 'lava_peft' has no attribute {name!r}")

@@ -220,8 +220,30 @@ def write_adapter_dir(directory, payload: dict, tensors: dict[str, torch.Tensor]
         atomic_write_json(staging / CONFIG_NAME, payload)
 
 
+FULL_WEIGHTS_NAME = "model.safetensors"
+"""The weights file of a directory of plain trained tensors (a model trained without an adapter)."""
+
+
+def write_weights_dir(directory, tensors: dict[str, torch.Tensor], name: str = FULL_WEIGHTS_NAME) -> None:
+    """Write ``tensors`` as ``directory/name`` (safetensors), switched in as one unit like
+    :func:`write_adapter_dir` (manifest with sha256, per-directory lock)."""
+    with atomic_directory(directory) as staging:
+        atomic_save_safetensors(tensors, Path(staging) / name, {"format": "pt", "library": "lava-peft"})
+
+
+def read_weights_dir(directory, name: str = FULL_WEIGHTS_NAME) -> dict[str, torch.Tensor]:
+    """The validated tensors of ``directory/name`` written by :func:`write_weights_dir` (verified
+    against the folder's manifest when it has one)."""
+    directory = Path(directory)
+    files = read_adapter_files(directory, (name,)).files
+    if name not in files:
+        raise AdapterFileError(f"no {name} in {directory}; the folder is incomplete or holds something else")
+    return tensors_from_bytes(files[name], directory / name)
+
+
 __all__ = [
     "AdapterDirectory",
+    "FULL_WEIGHTS_NAME",
     "CONFIG_NAME",
     "SAVED_MARKER",
     "WEIGHTS_NAME",
@@ -232,7 +254,9 @@ __all__ = [
     "read_adapter_dir",
     "read_adapter_tensors",
     "read_tensor_index",
+    "read_weights_dir",
     "saved_key",
     "split_saved_key",
     "write_adapter_dir",
+    "write_weights_dir",
 ]

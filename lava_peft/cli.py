@@ -7,6 +7,9 @@
     lava inspect runs/rt/adapter               (method, targets, parameter and byte counts)
     lava plot runs/rt                          (loss/accuracy curves as a PNG)
 
+A user error (bad option, missing or corrupt file, unusable path) prints one line on stderr and
+exits with code 2; ``lava --debug <command> ...`` also prints the traceback.
+
 Subcommands live in a registry (:func:`register_command`); another module adds one with
 ``register_command("bench", help=..., add_arguments=..., run=...)`` and is imported by
 listing it in :data:`PLUGIN_MODULES`.
@@ -18,6 +21,7 @@ import argparse
 import importlib
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,9 +33,14 @@ from .commands.train import (  # noqa: F401  (the train helpers are part of this
 )
 from .errors import LavaError
 
-PLUGIN_MODULES: list[str] = []
-"""Modules imported (if they exist) before parsing; each may call :func:`register_command` (e.g. a team's
-``"lava_peft.bench.cli"`` once it exists)."""
+PLUGIN_MODULES: list[str] = [
+    "lava_peft.commands.generate",    # lava generate
+    "lava_peft.ranking.commands",     # lava rank
+    "lava_peft.transfer.commands",    # lava transfer
+    "lava_peft.zoo.commands",         # lava zoo
+]
+"""Modules imported (if they exist) before parsing; each either calls :func:`register_command` when
+imported or defines ``register(register_command)``, which is then called."""
 
 
 @dataclass
@@ -73,11 +82,14 @@ def __getattr__(name: str):
 def _load_plugins() -> None:
     for name in PLUGIN_MODULES:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
                 continue  # the plugin is not installed / not written yet
             raise
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(register_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,16 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"lava-peft {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(_command=cmd)
     return parser
 
 
+DEBUG_HELP = "on an error, print the full Python traceback (by default: one line saying what to change)"
+USER_ERRORS = (LavaError, OSError, ValueError)
+"""Errors a user's input causes (a lava-peft error, a path that cannot be read or written, a value that
+does not parse): reported as one line on stderr with exit code 2; anything else is a bug and keeps its
+traceback."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, LavaError):
+        return text
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # e.g. [Errno 20] Not a directory: 'x'
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        text = f"{where}: {exc.strerror}"
+    return f"{text} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lava <command>``: 0 on success, 2 on a user error (one line on stderr; ``--debug`` adds
+    the traceback), 130 on Ctrl-C."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "_command", None):
@@ -115,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         code = ns._command.run(ns)
-    except LavaError as exc:
-        print(f"lava {ns.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if ns.debug:
+            traceback.print_exc()
+        print(f"lava {ns.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lava {ns.command}: interrupted after {time.perf_counter() - start:.0f}s", file=sys.stderr)

@@ -1,71 +1,53 @@
-"""Weighted combination of adapters, and the factor view of low-rank methods.
+"""Weighted combination of adapters: ``model.add_weighted_adapter(adapters, weights, name, combination_type)``.
 
-``model.add_weighted_adapter(adapters, weights, name, combination_type=...)`` builds a
-new, normal adapter (saveable, mergeable, usable in mixed batches) from existing ones.
-Per adapted layer, with ``ΔW_a`` the increment of adapter ``a`` in the canonical layout
-``(O, I, K1, …, KN)`` and ``w_a`` its weight:
+The result is a normal adapter (saveable, mergeable, usable in mixed batches).  Per adapted
+layer, ``ΔW_a`` is the increment of adapter ``a`` in the canonical layout ``(O, I, K1, …, KN)``,
+``w_a`` its weight, ``s_a`` its scale, and for low-rank methods ``B_a``/``A_a`` its up/down
+factors (LoRA ``lora_B``/``lora_A``; LAVA ``U``/``V``, conv CP flattened to ``A_j = V_j ⊗ P_j``).
+The PEFT names mean what HF PEFT 0.21's ``LoraModel.add_weighted_adapter`` computes
+(``tests/test_combine_peft.py`` compares with the real ``peft``):
 
-``"linear"`` — exact weighted sum ``ΔW = Σ_a w_a ΔW_a``.  Where the methods expose
-    factors (see :class:`FactorCodec`) the result *concatenates* them, so it stays a
-    factored adapter of rank ``Σ_a r_a``:
+``"exact_linear"`` (default) — ``ΔW = Σ_a w_a ΔW_a`` exactly, by concatenating factors (rank
+    ``Σ r_a``): LoRA/LAVA matrices ``[w_1 s_1 B_1 | …] [A_1; …]``; LAVA on a conv stays CP (the
+    components of all inputs); a mix of CP and flattened factors gives LoRA; adapters of one
+    sparse method (SHiRA, SFT) give that method on the union of supports; methods without
+    factors give ``dense_delta``.  If ``Σ r_a`` exceeds the layer's maximum rank the
+    matrix is re-factored exactly by an SVD of its factors.
+``"cat"`` — PEFT's name for the same exact concatenation; like PEFT the weight goes into the
+    down factor (``A = [w_1 s_1 A_1; …]``, ``B = [B_1 | …]``, scale 1).  PEFT pads every layer to
+    ``Σ`` of the config ranks; here each layer has the rank of the adapters on it (same ``ΔW``).
+``"linear"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` — PEFT's
+    factor-wise rules (:func:`~lava_peft.combine_build.factorwise`): with ``c_a = w_a s_a``,
+    ``A = rule(A_a; sgn c_a √|c_a|)`` and ``B = rule(B_a; √|c_a|)``; equal ranks required; the
+    result is not ``Σ w_a ΔW_a`` (cross terms ``B_a A_b``).  A LAVA conv input is flattened, so
+    the result is a LoRA conv adapter.  Inputs without factors (SHiRA, SFT, ``dense_delta``):
+    the rule is applied to ``ΔW_a`` instead and the result is ``dense_delta`` (``"linear"``
+    there is the exact sum).
+``"svd"``, ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"`` —
+    the rule (``svd``: the weighted sum) on the dense ``ΔW_a``, then the best rank-``R`` fit
+    (``R = svd_rank``, default the largest input rank on the layer; clipped to the method's
+    maximum) of the flattening ``O × (I·ΠK)``: ``B = U_R S_R``, ``A = V_Rᵀ`` (LAVA keeps ``U``
+    orthonormal, ``S`` in ``V``).  Computed in float64 (from the factors, without forming
+    ``ΔW``, for ``svd``); with ``svd_clamp`` (or ``svd_driver``) PEFT's fp32 procedure is run
+    step for step (:func:`~lava_peft.combine_math.peft_svd`), since the clamp depends on the
+    singular vectors' signs.  A conv LAVA result is refitted in CP form by ALS (the exact
+    concatenation if its rank fits).  ``result_method="dense_delta"`` skips the SVD and keeps the
+    full ``ΔW`` of the rule.
 
-    * LoRA / LAVA on Linear and Embedding: ``ΔW_a = U_a V_a`` (scale folded into
-      ``U_a``), so ``[w_1 U_1 | … | w_n U_n] · [V_1; …; V_n] = Σ_a w_a ΔW_a``;
-    * LAVA on a conv (CP): the sum of two CP decompositions is the CP decomposition
-      with the components of both — ``U``, ``V``, ``P_k`` are concatenated along the
-      component axis (CP rank ``Σ r_a``);
-    * LoRA conv, or a mix of methods: every CP component is rank 1 in the flattening
-      ``O × (I·K1·…·KN)`` (``down_j = V_j ⊗ P_{1j} ⊗ … ⊗ P_{Nj}``), so everything is a
-      flattened low-rank matrix and the result is a LoRA adapter.
+Rules (``peft.utils.merge_utils``; ``d = density``): magnitude prune keeps the ``⌊d·numel⌋``
+largest ``|τ|``; DARE keeps each entry with ``torch.bernoulli(d)`` and rescales by ``1/d``; TIES
+elects ``σ = sgn Σ τ_a`` (``"total"``) or ``sgn Σ sgn τ_a`` (``"frequency"``) on the unweighted
+pruned tensors and averages the weighted ones that agree.  DARE masks come from one
+``torch.Generator`` (``generator=``, or seeded by ``seed``) drawn layer by layer in model order,
+per layer in PEFT's order (factor-wise: every ``A`` then every ``B``; ``*_svd``: each ``ΔW_a``
+in the base layer's layout), absent adapters drawing nothing; then for ``modules_to_save``.
+A generator in the state of PEFT's global RNG at its first draw reproduces PEFT's masks.
 
-    If ``Σ r_a`` exceeds what the result method allows on a layer (e.g. LoRA rank >
-    ``min(O, I·ΠK)``), the matrix is re-factored exactly by an SVD of its (low-rank)
-    factors at the maximal rank.  Methods without factors give a ``dense_delta``
-    adapter holding ``Σ_a w_a ΔW_a`` itself — except for sparse methods with a
-    :class:`SparseCodec` (SHiRA): adapters of one such method give an adapter of that
-    method on the *union* of the supports, ``v = Σ_a w_a v_a`` (exact, scattered onto
-    the union).  Note: HF PEFT's ``"linear"`` sums the
-    LoRA *factors* (``(Σ√w B)(Σ√w A)``, which has cross terms); ours is the exact sum
-    (PEFT's ``"cat"``).
-
-``"svd"`` — the best rank-``R`` approximation of ``Σ_a w_a ΔW_a`` (``R = svd_rank``, by
-    default the largest input rank on the layer, as in PEFT; clipped to the method's
-    maximum).  Matrix form: truncated SVD ``U_R S_R V_Rᵀ`` of the flattening
-    ``O × (I·ΠK)`` (computed from the factors, without forming ``ΔW``, when the inputs
-    are factored).  LAVA keeps ``U = U_R`` orthonormal (``S`` goes into ``V``; its
-    orthogonality penalty is then 0); LoRA follows PEFT (``B = U_R S_R``, ``A = V_Rᵀ``).
-    For a conv LAVA result the *CP* form is refitted at rank ``R`` by alternating
-    least squares (:func:`cp_als`), started from the ``R`` largest concatenated
-    components; if the inputs' total CP rank is ``≤ R`` the exact concatenation is used
-    (zero-padded).  The achieved relative error per layer is in the returned report.
-
-``"ties"`` / ``"dare_linear"`` / ``"dare_ties"`` / ``"magnitude_prune"`` — on the dense
-    ``ΔW_a`` (the "task vectors"), with PEFT's definitions
-    (``peft.utils.merge_utils``), ``d = density``:
-
-    * magnitude prune: keep the ``⌊d·numel⌋`` largest ``|ΔW_a|`` entries of each layer;
-    * DARE: keep each entry with probability ``d`` and rescale by ``1/d``.  Masks are
-      ``torch.rand(shape, generator=g) < d`` with one ``torch.Generator`` seeded with
-      ``seed``, drawn layer by layer (model order), adapter by adapter (given order),
-      then for ``modules_to_save`` tensors;
-    * TIES sign election on the pruned ``τ_a``: ``σ = sgn(Σ_a τ_a)`` (``"total"``) or
-      ``sgn(Σ_a sgn τ_a)`` (``"frequency"``), ``σ = +1`` where 0; disjoint merge
-      ``ΔW = Σ_a w_a τ_a [sgn τ_a = σ] / max(1, Σ_a [sgn τ_a = σ])``;
-    * ``magnitude_prune`` / ``dare_linear``: ``Σ_a w_a τ_a``; ``ties`` / ``dare_ties``:
-      the disjoint merge.
-
-    The result is full rank in general, so it is a ``dense_delta`` adapter; give
-    ``svd_rank`` to refit it as a low-rank (same-method or LoRA) adapter instead
-    (PEFT's ``"ties_svd"`` etc.).
-
-``modules_to_save`` copies are combined as task vectors too: ``θ = θ_0 + combine(θ_a −
-θ_0)`` with the dense rule of the combination type (``"linear"`` for ``"svd"``); an
-adapter without a copy contributes ``θ_a = θ_0``.
-
-The result's config is a config of the result method with ``target_modules`` the exact
-adapted paths, scale 1 (``alpha = r``) and per-layer ranks in ``rank_pattern`` (keys
-``^path$``); fields such as ``orth_lambda`` are copied from the first input of that
-method.  Nothing in the model changes until every layer's result has been computed.
+``modules_to_save`` copies are combined as task vectors ``θ = θ_0 + rule(θ_a − θ_0)`` (PEFT
+refuses two inputs with a copy of one module); an adapter without a copy contributes ``θ_0``.
+The result's config is one of the result method with the exact adapted paths as
+``target_modules``, scale 1 (``alpha = r``) and per-layer ranks in ``rank_pattern``.  Nothing in
+the model changes until every layer's result has been computed.
 """
 
 from __future__ import annotations
@@ -79,16 +61,28 @@ from typing import Sequence
 
 import torch
 
+from .combine_build import (LayerInput, SvdOptions, build_exact, build_given, build_svd, dense_target, factorwise,
+                            weighted_sum)
+from .combine_math import combine_dense, cp_als
 from .config import AdapterConfig, config_class, registered_methods
 from .errors import LavaConfigError
-from .combine_math import combine_dense, cp_als, truncated_svd, truncated_svd_of_product
 from .inject import adapted_layers, saved_module_wrappers
-from .methods.base import LayerSpec
 from .methods.factors import (FactorCodec, Factors, SparseCodec, _CODECS, _SPARSE_CODECS, adapter_factors, factor_codec,
                               method_of, register_factor_codec, register_sparse_codec, to_native)
 
-COMBINATION_TYPES = ("linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_DENSE_TYPES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+EXACT_TYPES = ("exact_linear", "cat")
+FACTORWISE_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATION_TYPES = EXACT_TYPES + FACTORWISE_TYPES + SVD_TYPES
+_DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude")))
+SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
+
+
+def combination_rule(combination_type: str) -> str:
+    """The entry-wise rule of a type: ``"ties_svd"`` → ``"ties"``; ``"svd"``, ``"cat"``, ``"exact_linear"`` → ``"linear"``."""
+    if combination_type in ("svd",) + EXACT_TYPES:
+        return "linear"
+    return combination_type[: -len("_svd")] if combination_type.endswith("_svd") else combination_type
 
 
 # =============================================================================== the entry point
@@ -98,9 +92,9 @@ class CombinationReport:
 
     For a sparse result (:class:`SparseCodec`) ``ranks[path]`` is the number of stored entries.
 
-    ``relative_error[path] = ‖ΔW_result − ΔW_target‖_F / ‖ΔW_target‖_F`` where the target is the
-    weighted sum (``linear``/``svd``) or the dense TIES/DARE/pruned result; 0 up to rounding
-    for exact representations.
+    ``relative_error[path] = ‖ΔW_result − ΔW_target‖_F / ‖ΔW_target‖_F`` where the target is what
+    the type defines before any refit (the weighted sum, the pruned/merged ``ΔW``, or the
+    factor-wise product); 0 up to rounding for exact representations.
     """
 
     adapter_name: str
@@ -110,70 +104,92 @@ class CombinationReport:
     relative_error: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _LayerInput:
-    path: str
-    spec: LayerSpec
-    adapters: list  # adapter module or None, aligned with the names
-
-
 def add_weighted_adapter(
     model,
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: str = "linear",
+    combination_type: str = "exact_linear",
     *,
-    density: float | None = None,
-    seed: int = 0,
     svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
     majority_sign_method: str = "total",
+    seed: int = 0,
+    generator: torch.Generator | None = None,
     result_method: str | None = None,
     als_iters: int = 200,
 ) -> CombinationReport:
-    """Create ``adapter_name`` from ``Σ w_a · adapters[a]`` (see the module docstring).
+    """Create ``adapter_name`` from ``adapters`` and ``weights`` (see the module docstring).
 
     Args:
         model: an :class:`~lava_peft.AdaptedModel`.
         adapters / weights: input adapter names and one weight each (any real number).
-        combination_type: one of :data:`COMBINATION_TYPES`.
-        density: fraction kept by ties / dare_* / magnitude_prune (required there), in (0, 1].
-        seed: seeds the DARE masks.
-        svd_rank: target rank for ``"svd"`` (default: the largest input rank per layer),
-            or, for the pruning types, refit the dense result at this rank.
+        combination_type: one of :data:`COMBINATION_TYPES` (PEFT's names mean PEFT's results;
+            ``"exact_linear"``, the default, is the exact weighted sum).
+        svd_rank: target rank of the ``svd`` types (default: the largest input rank per layer).
+        svd_clamp: quantile in ``[0, 1]`` at which PEFT clamps the SVD factors (``svd`` types).
+        svd_full_matrices: passed to ``torch.linalg.svd`` on PEFT's path (does not change results).
+        svd_driver: cuSOLVER routine (``gesvd``/``gesvdj``/``gesvda``); CUDA adapters only.
+        density: fraction kept by the ties / dare / magnitude_prune types (required there), in (0, 1].
         majority_sign_method: ``"total"`` or ``"frequency"`` (TIES sign election).
-        result_method: force the method of the result (e.g. ``"lora"``); by default the
-            inputs' method if they all share one that can represent the result, else LoRA
-            (factored results) or ``"dense_delta"``.
-        als_iters: maximal CP-ALS sweeps for conv LAVA ``"svd"`` results.
+        seed / generator: the DARE masks' random source (``generator`` wins if given).
+        result_method: force the method of the result (e.g. ``"lora"``; ``"dense_delta"`` keeps a
+            full ``ΔW``); by default the inputs' method if they share one that can hold the
+            result, else LoRA (factored results) or ``"dense_delta"``.
+        als_iters: maximal CP-ALS sweeps for conv LAVA ``svd`` results.
     Returns:
         a :class:`CombinationReport`. The new adapter is added inactive (``set_adapter`` it).
     """
     names, weights = _check_arguments(model, adapters, weights, adapter_name, combination_type, density, svd_rank,
-                                      majority_sign_method, result_method)
-    if combination_type == "linear":
-        report = _sparse_linear(model, names, weights, adapter_name, result_method)
+                                      svd_clamp, svd_driver, majority_sign_method, result_method)
+    methods = [model.peft_config[n].method for n in names]
+    decomposed = sorted({n for n in names for _, layer in adapted_layers(model.model)
+                         if n in layer.adapters and not layer.adapters[n].merges_additively})
+    if decomposed:
+        raise LavaConfigError(
+            f"adapters {decomposed} are weight-decomposed (DoRA): their magnitude rescales W0 + ΔW per channel, which "
+            "no combination type can add up; combine plain LoRA/LAVA adapters, or merge_and_unload the DoRA one"
+        )
+    codecs = [_CODECS.get(m) for m in methods]
+    all_factored = all(c is not None for c in codecs)
+    mode = _mode(combination_type, all_factored)
+    if mode == "exact":
+        report = _sparse_linear(model, names, weights, adapter_name, result_method, combination_type)
         if report is not None:
             return report
+    rule = combination_rule(combination_type)
     density = 1.0 if density is None else float(density)
     layers = _collect_layers(model, names)
-    methods = [model.peft_config[n].method for n in names]
-    codecs = [_CODECS.get(m) for m in methods]
-
-    needs_dense = combination_type in _DENSE_TYPES or any(c is None for c in codecs)
-    gen = torch.Generator().manual_seed(int(seed))
-    targets: dict[str, torch.Tensor] = {}
-    if needs_dense:
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    options = SvdOptions(svd_rank, svd_clamp, bool(svd_full_matrices), svd_driver, als_iters)
+    if svd_driver is not None:
         for layer in layers:
-            taus = [_delta(a, names[i], methods[i], layer) for i, a in enumerate(layer.adapters)]
-            targets[layer.path] = combine_dense(taus, weights, combination_type, density, gen, majority_sign_method)
+            if any(next(a.parameters()).device.type != "cuda" for a in layer.adapters if a is not None):
+                raise LavaConfigError("svd_driver selects a cuSOLVER routine and needs adapters on CUDA; drop svd_driver")
 
-    factored_result = combination_type in ("linear", "svd") or svd_rank is not None
-    candidates = _candidates(methods, codecs, combination_type, factored_result, result_method)
+    targets: dict[str, torch.Tensor] = {}
+    combined = None
+    if mode == "factorwise":
+        combined = factorwise(layers, weights, codecs, rule, density, gen, majority_sign_method)
+        targets = {layer.path: combined[layer.path].dense(layer.spec.canonical_shape) for layer in layers}
+    elif mode == "dense" or (mode == "svd" and (rule != "linear" or not all_factored or options.peft_path)):
+        targets = {layer.path: dense_target(layer, weights, rule, density, gen, majority_sign_method) for layer in layers}
+
+    candidates = _candidates(methods, codecs, combination_type, mode, result_method)
     errors: list[str] = []
     payloads = None
     for method in candidates:
-        payloads, why = _build_payloads(method, layers, weights, codecs, combination_type, targets, svd_rank, als_iters)
+        if mode == "exact":
+            payloads, why = build_exact(method, layers, weights, codecs, combination_type == "cat")
+        elif mode == "factorwise":
+            payloads, why = build_given(method, layers, combined)
+        elif mode == "dense":
+            payloads, why = {layer.path: ("dense", targets[layer.path]) for layer in layers}, None
+        else:
+            payloads, why = build_svd(method, layers, weights, codecs, targets, options)
         if payloads is not None:
             break
         errors.append(f"{method}: {why}")
@@ -193,7 +209,7 @@ def add_weighted_adapter(
     plan = model.plan(adapter_name, config, target_names=[layer.path for layer in layers])
 
     # --- everything is computed and validated; from here on only in-place copies and the commit
-    saved_states = _combine_saved_modules(model, names, weights, combination_type, density, gen, majority_sign_method)
+    saved_states = _combine_saved_modules(model, names, weights, rule, density, gen, majority_sign_method)
     with torch.no_grad():
         for (path, _, adapter), layer in zip(plan.layers, layers):
             kind, value = payloads[path]
@@ -204,8 +220,8 @@ def add_weighted_adapter(
             report.ranks[path] = ranks[path]
             target = targets.get(path)
             if target is None:
-                target = _weighted_sum_from_factors(layer, weights, codecs)
-            got = adapter.delta_weight().detach().double()
+                target = weighted_sum(layer, weights, codecs)
+            got = adapter.delta_weight().detach().double().cpu()
             denom = target.double().norm().item()
             report.relative_error[path] = (got - target.double()).norm().item() / denom if denom > 0 else 0.0
     model.commit(plan)
@@ -215,8 +231,17 @@ def add_weighted_adapter(
     return report
 
 
-def _sparse_linear(model, names, weights, adapter_name, result_method) -> CombinationReport | None:
-    """Exact ``"linear"`` sum of adapters of one sparse method, as that method on the union of supports.
+def _mode(combination_type: str, all_factored: bool) -> str:
+    """``exact`` | ``factorwise`` | ``dense`` (factor-wise type on inputs without factors) | ``svd``."""
+    if combination_type in EXACT_TYPES or (combination_type == "linear" and not all_factored):
+        return "exact"
+    if combination_type in FACTORWISE_TYPES:
+        return "factorwise" if all_factored else "dense"
+    return "svd"
+
+
+def _sparse_linear(model, names, weights, adapter_name, result_method, combination_type) -> CombinationReport | None:
+    """Exact sum (``exact_linear`` / ``cat``) of adapters of one sparse method, as that method on the union of supports.
 
     Per layer: ``U = ∪_a idx_a`` (sorted) and ``v[p] += w_a·values_a[j]`` where ``U[p] = idx_a[j]``;
     no dense ``ΔW`` is formed.  ``None`` when the inputs are not all of one method with a
@@ -240,7 +265,7 @@ def _sparse_linear(model, names, weights, adapter_name, result_method) -> Combin
     config = codec.result_config([model.peft_config[n] for n in names], supports)
     plan = model.plan(adapter_name, config, target_names=[layer.path for layer in layers])
     saved_states = _combine_saved_modules(model, names, weights, "linear", 1.0, None, "total")
-    report = CombinationReport(adapter_name, method, "linear")
+    report = CombinationReport(adapter_name, method, combination_type)
     with torch.no_grad():
         for path, _, adapter in plan.layers:
             codec.write(adapter, values[path])
@@ -257,8 +282,8 @@ def _sparse_linear(model, names, weights, adapter_name, result_method) -> Combin
 
 
 # ------------------------------------------------------------------------------- helpers
-def _check_arguments(model, adapters, weights, adapter_name, combination_type, density, svd_rank,
-                     majority_sign_method, result_method):
+def _check_arguments(model, adapters, weights, adapter_name, combination_type, density, svd_rank, svd_clamp,
+                     svd_driver, majority_sign_method, result_method):
     if isinstance(adapters, str):
         adapters = [adapters]
     names = model.check_known(list(adapters))
@@ -272,25 +297,33 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, d
         raise LavaConfigError(f"got {len(weights)} weights for {len(names)} adapters {names}; give one weight each")
     if not all(math.isfinite(w) for w in weights):
         raise LavaConfigError(f"weights must be finite; got {weights}")
-    model._check_new_name(adapter_name)
+    model.check_new_name(adapter_name)
     if combination_type not in COMBINATION_TYPES:
         raise LavaConfigError(f"combination_type={combination_type!r} is unknown; use one of {list(COMBINATION_TYPES)}")
-    if combination_type in _DENSE_TYPES:
+    if combination_type in _DENSITY_TYPES:
         if density is None:
             raise LavaConfigError(f"combination_type={combination_type!r} needs density=<fraction kept in (0, 1]>")
         if not (0 < float(density) <= 1):
             raise LavaConfigError(f"density must be in (0, 1]; got {density}")
     elif density is not None:
-        raise LavaConfigError(f"density is only used by {list(_DENSE_TYPES)}, not {combination_type!r}; drop it")
+        raise LavaConfigError(f"density is only used by {list(_DENSITY_TYPES)}, not {combination_type!r}; drop it")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise LavaConfigError(f"svd_rank must be a positive integer; got {svd_rank!r}")
-    if svd_rank is not None and combination_type == "linear":
-        raise LavaConfigError('svd_rank does not apply to the exact "linear" combination; use combination_type="svd"')
+    if combination_type not in SVD_TYPES:
+        for arg, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp), ("svd_driver", svd_driver)):
+            if value is not None:
+                raise LavaConfigError(f"{arg} applies to the SVD types {list(SVD_TYPES)}, not {combination_type!r}; "
+                                      "drop it or pick one of those types")
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
+                                  or not 0 <= svd_clamp <= 1):
+        raise LavaConfigError(f"svd_clamp is a quantile in [0, 1]; got {svd_clamp!r}")
+    if svd_driver not in SVD_DRIVERS:
+        raise LavaConfigError(f"svd_driver must be one of {list(SVD_DRIVERS)}; got {svd_driver!r}")
     if majority_sign_method not in ("total", "frequency"):
         raise LavaConfigError(f"majority_sign_method must be 'total' or 'frequency'; got {majority_sign_method!r}")
     if result_method is not None and result_method not in registered_methods():
         raise LavaConfigError(f"result_method={result_method!r} is not a registered method {registered_methods()}")
-    if combination_type == "svd" and svd_rank is None:
+    if combination_type in SVD_TYPES and svd_rank is None and result_method != "dense_delta":
         missing = [n for n in names if model.peft_config[n].method not in _CODECS]
         if missing:
             raise LavaConfigError(
@@ -299,158 +332,43 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, d
     return names, weights
 
 
-def _collect_layers(model, names) -> list[_LayerInput]:
+def _collect_layers(model, names) -> list[LayerInput]:
     layers = []
     for path, layer in adapted_layers(model.model):
-        present = [layer.adapters[n] if n in layer.adapters else None for n in names]
-        if any(a is not None for a in present):
-            layers.append(_LayerInput(path, layer.spec, present))
+        adapters = [layer.adapters[n] if n in layer.adapters else None for n in names]
+        if any(a is not None for a in adapters):
+            layers.append(LayerInput(path, layer.spec, layer.ops, adapters))
     if not layers:
         raise LavaConfigError(f"adapters {names} adapt no layer; nothing to combine")
     return layers
 
 
-def _delta(adapter, name: str, method: str, layer: _LayerInput) -> torch.Tensor:
-    if adapter is None:
-        return torch.zeros(layer.spec.canonical_shape)
-    try:
-        with torch.no_grad():
-            return adapter.delta_weight().detach().float().cpu()
-    except NotImplementedError:
-        raise LavaConfigError(
-            f"adapter {name!r} (method {method!r}) has no weight increment (a side-branch method) and "
-            "cannot be combined; combine weight-delta adapters only"
-        ) from None
-
-
-def _candidates(methods, codecs, combination_type, factored_result, result_method) -> list[str]:
+def _candidates(methods, codecs, combination_type, mode, result_method) -> list[str]:
     all_factored = all(c is not None for c in codecs)
     if result_method is not None:
         if result_method == "dense_delta":
-            if combination_type == "svd" or (factored_result and combination_type != "linear"):
-                raise LavaConfigError(
-                    f"{combination_type!r} with svd_rank gives a low-rank adapter; result_method cannot be 'dense_delta'"
-                )
             return [result_method]
         if result_method not in _CODECS:
             raise LavaConfigError(
                 f"result_method={result_method!r} has no factor codec; use one of {sorted(_CODECS)} or 'dense_delta'"
             )
-        if not factored_result:
+        if mode == "dense":
             raise LavaConfigError(
-                f"{combination_type!r} gives a dense increment; pass svd_rank=<rank> to refit it as {result_method!r}"
+                f"{combination_type!r} on inputs without factors gives a dense increment; use "
+                f"{combination_rule(combination_type) + '_svd'!r} with svd_rank=<rank> to refit it as {result_method!r}"
             )
-        if combination_type == "linear" and not all_factored:
+        if mode == "exact" and not all_factored:
             raise LavaConfigError(
-                f"an exact 'linear' {result_method!r} result needs factored inputs, but methods "
+                f"an exact {combination_type!r} {result_method!r} result needs factored inputs, but methods "
                 f"{sorted({m for m, c in zip(methods, codecs) if c is None})} have none; use combination_type='svd' "
                 "or result_method='dense_delta'"
             )
         return [result_method]
-    out = []
-    if combination_type == "linear":
-        if all_factored:
-            if len(set(methods)) == 1:
-                out.append(methods[0])
-            if "lora" not in out:
-                out.append("lora")
-        out.append("dense_delta")
-    elif factored_result:
-        if len(set(methods)) == 1 and codecs[0] is not None:
-            out.append(methods[0])
-        if "lora" not in out:
-            out.append("lora")
-    else:
-        out.append("dense_delta")
-    return out
-
-
-def _read_weighted(layer: _LayerInput, weights, codecs) -> list[Factors]:
-    parts = []
-    for a, w, codec in zip(layer.adapters, weights, codecs):
-        if a is not None:
-            with torch.no_grad():
-                f = codec.read(a)
-            parts.append(Factors(f.up.detach().float().cpu() * w, [m.detach().float().cpu() for m in f.modes]))
-    return parts
-
-
-def _weighted_sum_from_factors(layer: _LayerInput, weights, codecs) -> torch.Tensor:
-    parts = _read_weighted(layer, weights, codecs)
-    return Factors.cat(parts).dense(layer.spec.canonical_shape)
-
-
-def _build_payloads(method, layers, weights, codecs, combination_type, targets, svd_rank, als_iters):
-    """``{path: ("factors", Factors) | ("dense", tensor)}`` for the result method, or ``(None, reason)``."""
-    payloads = {}
-    if method == "dense_delta":
-        for layer in layers:
-            dense = targets.get(layer.path)
-            if dense is None:
-                dense = _weighted_sum_from_factors(layer, weights, codecs)
-            payloads[layer.path] = ("dense", dense)
-        return payloads, None
-    codec = _CODECS[method]
-    for layer in layers:
-        spec = layer.spec
-        limit = codec.max_rank(spec)
-        cp = codec.native_cp(spec) and bool(spec.kernel_size)
-        have_factors = layer.path not in targets
-        parts = _read_weighted(layer, weights, codecs) if have_factors else None
-        if combination_type == "linear":
-            native = [to_native(p, codec, spec) for p in parts]
-            if any(n is None for n in native):
-                return None, f"layer {layer.path!r} mixes CP and flattened conv factors"
-            total = Factors.cat(native)
-            if total.rank > limit:
-                if cp:
-                    return None, f"CP rank {total.rank} exceeds the maximum {limit} on {layer.path!r}"
-                flat = total.flattened()
-                total = _svd_factors(truncated_svd_of_product(flat.up, flat.modes[0], limit), codec)
-            payloads[layer.path] = ("factors", total)
-            continue
-        # svd (or a pruned dense result refitted at svd_rank)
-        rank = svd_rank
-        if rank is None:
-            rank = max(a.r for a in layer.adapters if a is not None)
-        rank = min(rank, limit)
-        shape = spec.canonical_shape
-        if cp:
-            target = targets[layer.path] if not have_factors else Factors.cat(parts).dense(shape)
-            concat = None
-            if have_factors and all(p.is_cp for p in parts):
-                concat = Factors.cat(parts)
-            if concat is not None and concat.rank <= rank:
-                payloads[layer.path] = ("factors", concat.padded(rank))
-                continue
-            init = _cp_init(concat, rank, target) if concat is not None else None
-            mats, _ = cp_als(target, rank, init=init, n_iter=als_iters)
-            up = mats[0].float()
-            payloads[layer.path] = ("factors", Factors(up, [m.T.contiguous().float() for m in mats[1:]]))
-        else:
-            if have_factors:
-                flat = Factors.cat(parts).flattened()
-                usv = truncated_svd_of_product(flat.up, flat.modes[0], rank)
-            else:
-                usv = truncated_svd(targets[layer.path].reshape(shape[0], -1), rank)
-            payloads[layer.path] = ("factors", _svd_factors(usv, codec))
-    return payloads, None
-
-
-def _svd_factors(usv, codec: FactorCodec) -> Factors:
-    u, s, vh = usv
-    if codec.svd_singular_values == "down":
-        return Factors(u.float(), [(s.unsqueeze(1) * vh).float()])
-    return Factors((u * s).float(), [vh.float()])
-
-
-def _cp_init(concat: Factors, rank: int, target: torch.Tensor) -> list[torch.Tensor]:
-    """Start ALS from the ``rank`` concatenated components of largest norm ``‖u_j‖·Π‖m_j‖``."""
-    norms = concat.up.norm(dim=0)
-    for m in concat.modes:
-        norms = norms * m.norm(dim=1)
-    keep = torch.topk(norms, rank).indices
-    return [concat.up[:, keep]] + [m[keep].T for m in concat.modes]
+    if mode == "dense" or (mode == "exact" and not all_factored):
+        return ["dense_delta"]
+    out = [methods[0]] if len(set(methods)) == 1 and methods[0] != "lora" else []
+    out.append("lora")
+    return out + (["dense_delta"] if mode == "exact" else [])
 
 
 def _result_config(method: str, input_configs: list[AdapterConfig], layers, ranks: dict[str, int]) -> AdapterConfig:
@@ -480,9 +398,9 @@ def _result_config(method: str, input_configs: list[AdapterConfig], layers, rank
     return cls(**fields)
 
 
-def _combine_saved_modules(model, names, weights, combination_type, density, gen, majority_sign_method):
-    """``{wrapper path: combined state dict}`` for every ``modules_to_save`` module some input owns."""
-    rule = "linear" if combination_type == "svd" else combination_type
+def _combine_saved_modules(model, names, weights, rule, density, gen, majority_sign_method):
+    """``{wrapper path: combined state dict}`` for every ``modules_to_save`` module some input owns (``rule`` on
+    the task vectors ``θ_a − θ_0``)."""
     out = {}
     for path, wrapper in saved_module_wrappers(model.model):
         owners = [n for n in names if n in wrapper.copies]
@@ -505,11 +423,15 @@ def _combine_saved_modules(model, names, weights, combination_type, density, gen
 __all__ = [
     "COMBINATION_TYPES",
     "CombinationReport",
+    "EXACT_TYPES",
+    "FACTORWISE_TYPES",
     "FactorCodec",
     "Factors",
+    "SVD_TYPES",
     "SparseCodec",
     "adapter_factors",
     "add_weighted_adapter",
+    "combination_rule",
     "combine_dense",
     "cp_als",
     "factor_codec",

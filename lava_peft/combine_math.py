@@ -112,6 +112,7 @@ def cp_als(
 
 # =============================================================================== dense rules
 def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``⌊d·numel⌋`` largest ``|t|`` (``torch.topk`` over the flattened tensor, as PEFT)."""
     if density >= 1:
         return t
     k = int(density * t.numel())
@@ -122,12 +123,21 @@ def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     return t * mask.view_as(t)
 
 
-def _dare_prune(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    keep = torch.rand(t.shape, generator=gen) < density
-    return t * keep.to(t.dtype) / density
+def _dare_prune(t: torch.Tensor, density: float, gen: torch.Generator | None) -> torch.Tensor:
+    """DARE: keep each entry with probability ``d``, rescale by ``1/d``.
+
+    The mask is ``torch.bernoulli(full_like(t, d))`` — the draw PEFT makes (from its global
+    generator) — so a generator in the same state gives PEFT's mask bit for bit.  No draw at
+    ``d ≥ 1`` (nothing is pruned), as in PEFT.
+    """
+    if density >= 1:
+        return t
+    keep = torch.bernoulli(torch.full_like(t, density), generator=gen)
+    return t * keep / density
 
 
 def _disjoint_merge(tau: torch.Tensor, w: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
+    """TIES: elect ``σ`` from the *unweighted* pruned tensors, average the weighted ones that agree."""
     sign = tau.sign()
     elected = tau.sum(0) if majority_sign_method == "total" else sign.sum(0)
     majority = torch.where(elected >= 0, 1.0, -1.0).to(tau.dtype)
@@ -144,7 +154,9 @@ def combine_dense(
     generator: torch.Generator | None = None,
     majority_sign_method: str = "total",
 ) -> torch.Tensor:
-    """One combination of dense task tensors (see the module docstring for the math)."""
+    """One combination rule (``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``)
+    of task tensors, with PEFT's definitions (``peft.utils.merge_utils``); DARE masks are drawn
+    tensor by tensor in the given order.  The weights become a tensor of the tensors' dtype."""
     w = torch.tensor(list(weights), dtype=tensors[0].dtype).view(-1, *([1] * tensors[0].dim()))
     if combination_type in ("linear", "svd"):
         return (torch.stack(list(tensors)) * w).sum(0)
@@ -155,3 +167,22 @@ def combine_dense(
     if combination_type in ("magnitude_prune", "dare_linear"):
         return (tau * w).sum(0)
     return _disjoint_merge(tau, w, majority_sign_method)
+
+
+def peft_svd(matrix: torch.Tensor, rank: int, clamp: float | None = None, full_matrices: bool = True,
+             driver: str | None = None):
+    """PEFT's SVD refit of a combined ``ΔW`` (``O × I·ΠK``), step for step, in the matrix's dtype.
+
+    ``U S Vᵀ = svd(ΔW)``; ``B = U_R S_R``, ``A = V_Rᵀ``; with ``clamp = q`` both are clipped
+    to ``[−h, h]``, ``h`` the ``q``-quantile of the entries of ``B`` and ``A`` together.  The
+    clamp depends on the singular vectors' signs, so this runs the same ``torch.linalg.svd``
+    on the same fp32 matrix as PEFT instead of the float64 :func:`truncated_svd`.
+    Returns ``(B, A)``.
+    """
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=full_matrices, driver=driver)
+    up = u[:, :rank] @ torch.diag(s[:rank])
+    down = vh[:rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), clamp)
+        up, down = up.clamp(-high, high), down.clamp(-high, high)
+    return up, down

@@ -52,7 +52,7 @@ def _pin_format1_patterns(data: dict, modules: Any) -> dict:
 _PEFT_FIELD_DEFAULTS = {"task_type": None, "inference_mode": False, "base_model_name_or_path": None,
                         "layers_to_transform": None, "layers_pattern": None}
 FORMAT_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"*": _PEFT_FIELD_DEFAULTS, "lava": {"conv_path": "auto"}},
+    1: {"*": {**_PEFT_FIELD_DEFAULTS, "use_dora": False}, "lava": {"conv_path": "auto"}},
 }
 """Explicit defaults, per format version and method (``"*"``: every method), for config fields that
 files of that version may lack (fields added after the version was first written).  Any other missing

@@ -52,7 +52,7 @@ def load_off_model(model, model_id: str) -> tuple:
     """``(config, {path: adapter module}, tensors)`` for a saved adapter, built off-model and checked."""
     files = read_adapter_dir(model_id, load_tensors=False)
     config, directory = files.config, files.directory
-    paths = model._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+    paths = model.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
     tensors = files.read_tensors()
     cls = adapter_class(config.method)
     adapters = {}

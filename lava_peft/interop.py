@@ -58,7 +58,7 @@ from .layers import ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, la
 
 # PEFT LoraConfig fields that change the forward or the base weights: refused on import.
 _UNSUPPORTED_FLAGS = (
-    "use_dora", "lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens",
+    "lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens",
     "trainable_token_indices", "arrow_config", "velora_config", "kasa_config", "monteclora_config",
     "use_bdlora", "use_qalora", "lora_ga_config",
 )
@@ -133,6 +133,12 @@ def export_peft(
         else:
             fan_in_fan_out = fan_in_fan_out or isinstance(ops, GPT2Conv1DOps)
             tensors.update(lora_tensors(path, ops, spec, factors.up, factors.modes[0]))
+        magnitude = getattr(adapter, "dora_magnitude", None)  # DoRA (use_dora=True): PEFT's magnitude vector
+        if magnitude is not None:
+            if r != factors.rank:
+                raise LavaConfigError(f"{path}: a DoRA adapter cannot be exported with rank expansion (grouped conv)")
+            shape = (1, -1, *((1,) * len(spec.kernel_size))) if isinstance(ops, ConvOps) else (-1,)
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = magnitude.detach().reshape(shape)
         ranks[path] = r
         if r == adapter.r and config.scale_for(path) == adapter.scale:
             alphas[path] = float(config.alpha_for(path))
@@ -162,7 +168,7 @@ def export_peft(
     peft_config = lora_config_fields(
         ranks, alphas, use_rslora=config.use_rslora, dropout=config.dropout, fan_in_fan_out=fan_in_fan_out,
         saved=saved, base_model_name_or_path=base_model_name_or_path or config.base_model_name_or_path,
-        task_type=config.task_type)
+        task_type=config.task_type, use_dora=bool(getattr(config, "use_dora", False)))
     out = Path(save_directory)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} exists and is not a directory; choose another save_directory")
@@ -186,7 +192,8 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
 
     ``model`` is the base model (or an existing AdaptedModel to add to).  The adapter is
     activated; its outputs equal ``peft.PeftModel.from_pretrained(base, model_id)``'s.
-    Refuses (before touching the model) non-LoRA PEFT types, DoRA / lora_bias / other
+    DoRA adapters (``use_dora``) import as ``LoraConfig(use_dora=True)``.
+    Refuses (before touching the model) non-LoRA PEFT types, lora_bias / other
     variants that change the forward, initialisations that modify the base weights
     (PiSSA, OLoRA, ...), pickle weights, and grouped / dilated convs.
     """
@@ -224,13 +231,17 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     wrapped = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     base = wrapped.model
     lora: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     other: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{weights_path}: key {key!r} does not start with {PREFIX!r}; not a PEFT LoRA file")
         key = key[len(PREFIX):]
         m = LORA_KEY.fullmatch(key)
-        if m:
+        dora = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.weight)?", key)
+        if dora and cfg.get("use_dora"):
+            magnitudes[dora.group(1)] = value
+        elif m:
             lora.setdefault(m.group(1), {})[m.group(2).split(".")[0].replace("lora_embedding_", "lora_")] = value
         else:
             other[key] = value
@@ -262,6 +273,9 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
             problems.append(f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit weight "
                             f"{tuple(layer_base.weight.shape)}")
             continue
+        if cfg.get("use_dora") and (path not in magnitudes or magnitudes[path].numel() != spec.out_dim):
+            problems.append(f"{path}: use_dora=True but no lora_magnitude_vector of {spec.out_dim} entries")
+            continue
         ranks[path] = r
         alphas[path] = float(_pattern_lookup(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha", 8)))
         tensors_for[path] = (a.reshape(r, fan_in), b.reshape(spec.out_dim, r))
@@ -282,6 +296,7 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items() if a != a0},
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(cfg.get("use_rslora", False)),
+        use_dora=bool(cfg.get("use_dora", False)),
     )
     plan = wrapped.plan(adapter_name, config, target_names=list(ranks))
     with torch.no_grad():
@@ -289,6 +304,8 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
             a, b = tensors_for[path]
             adapter.lora_A.copy_(a)
             adapter.lora_B.copy_(b)
+            if path in magnitudes:
+                adapter.dora_magnitude.copy_(magnitudes[path].reshape(-1))
     for path, state in saved_modules.items():
         found = base.get_submodule(path)
         source = found.original_module if isinstance(found, SavedModuleWrapper) else found

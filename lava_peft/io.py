@@ -490,9 +490,14 @@ def _safetensors_header(raw: bytes, source) -> dict:
     return header
 
 
-def fingerprint(shapes: dict[str, list[int]]) -> dict:
-    """Adapted module names + base weight shapes, and a short hash of both (checked on load)."""
-    return {"modules": shapes, "sha256": fingerprint_digest(shapes)}
+def fingerprint(shapes: dict[str, list[int]], weights: dict[str, dict | None] | None = None) -> dict:
+    """Adapted module names + base weight shapes, and a short hash of both (checked on load); with
+    ``weights``, the sha256 of each base weight's bytes too (checked with ``strict_base=True``,
+    see :mod:`lava_peft.fingerprint`)."""
+    out = {"modules": shapes, "sha256": fingerprint_digest(shapes)}
+    if weights is not None:
+        out["weights"] = weights
+    return out
 
 
 def check_tensors_match(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source, keys=None) -> None:

@@ -282,6 +282,8 @@ class AdaptedLayer(nn.Module):
         weight = self.base_weight
         if weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous():
             return None
+        if not self.adapters[name].merges_additively:
+            return None
         factors = adapter_factors(self.adapters[name])
         if factors is None:
             return None
@@ -306,6 +308,11 @@ class AdaptedLayer(nn.Module):
         sparse increments through one scatter-add of their values (no ``ΔW`` temporary either way),
         other methods through ``delta_weight()``."""
         weight = self.base_weight.data
+        if not self.adapters[name].merges_additively:  # e.g. DoRA: W ← g ⊙ (W + ΔW)
+            if source is not None:
+                weight.copy_(source)
+            self.adapters[name].merge_into_(self.ops.to_base_layout(weight), alpha)
+            return
         fused = self._fused_factors(name)
         if fused is not None:
             self._addmm_factors_(fused[0], fused[1], alpha, source)

@@ -33,6 +33,26 @@ from .targets import resolve_for_model, untrained_new_modules
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 
 
+class _BaseModelView:
+    """``AdaptedModel.base_model``: ``.model`` is the wrapped model, calling it runs the wrapped transformers
+    model's backbone (its own ``base_model``), any other attribute is the :class:`AdaptedModel`'s."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: "AdaptedModel"):
+        object.__setattr__(self, "_owner", owner)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._owner.model
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self._owner.model, "base_model", self._owner.model)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._owner, name)
+
+
 class _BoundForward:
     """``AdaptedModel.forward`` bound to a model; ``inspect.signature`` gives the wrapped model's forward
     signature plus ``adapter_names``, so that callers that pick inputs by the signature (transformers'
@@ -105,9 +125,11 @@ class AdaptedModel(AdapterFiles, nn.Module):
             return getattr(self.model, name)
 
     @property
-    def base_model(self) -> "AdaptedModel":
-        """PEFT's nesting: ``peft_model.base_model.model`` is the wrapped model (here ``base_model`` is this object)."""
-        return self
+    def base_model(self) -> "_BaseModelView":
+        """Both meanings at once: PEFT's nesting (``peft_model.base_model.model`` is the wrapped model, other
+        attributes are this model's) and transformers' (``model.base_model(...)`` runs the backbone, as TRL's
+        fused LM head calls it on the model it is given)."""
+        return _BaseModelView(self)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter wrappers in place)."""
@@ -181,7 +203,8 @@ class AdaptedModel(AdapterFiles, nn.Module):
     def active_adapter(self) -> str | None:
         return self._active[0] if self._active else None
 
-    def _check_new_name(self, name: str) -> None:
+    def check_new_name(self, name: str) -> None:
+        """Refuse an invalid or taken adapter name (before anything is built or written)."""
         check_adapter_name(name, reserved=(BASE_NAME,))
         if name in self.peft_config:
             raise AdapterNameError(
@@ -206,7 +229,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
         model is not touched.  Raises a :class:`LavaError` for anything that would fail."""
         if not isinstance(config, AdapterConfig):
             raise LavaError(f"config must be an lp.*Config (e.g. lp.LavaConfig), got {type(config).__name__}")
-        self._check_new_name(name)
+        self.check_new_name(name)
         config.validate()
         adapter_cls = adapter_class(config.method)
         notes: list[str] = []
@@ -222,6 +245,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
             spec = layer_ops(base).spec(base)
             adapter_cls.check_layer(spec, config, path)
             adapter = adapter_cls.for_layer(spec, config, path)
+            adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
@@ -282,6 +306,24 @@ class AdaptedModel(AdapterFiles, nn.Module):
         for layer in layers:
             layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
+    def replace_adapter(self, adapter_name: str, config: AdapterConfig, adapters: dict[str, nn.Module]) -> None:
+        """Give adapter ``adapter_name`` a new config and a new adapter per layer (``{module path: adapter}``,
+        exactly the layers that hold it now), keeping its active / merged / ``modules_to_save`` state;
+        its trainable flags are set as for any adapter.  For tools that convert an adapter in place into
+        an equivalent one (e.g. MoSA → plain LoRA/LAVA): a merged adapter's ``ΔW`` must not change.
+        Checked before anything changes."""
+        self.check_known(adapter_name)
+        held = {path for path, _ in self.adapter_layers(adapter_name)}
+        if set(adapters) != held:
+            missing, extra = sorted(held - set(adapters))[:3], sorted(set(adapters) - held)[:3]
+            raise AdapterNameError(f"replace_adapter({adapter_name!r}): give one adapter per layer holding it; "
+                                   f"missing {missing}, not holding it {extra}")
+        for path, layer in adapted_layers(self.model):
+            if path in adapters:
+                layer.adapters[adapter_name] = adapters[path]
+        self.peft_config[adapter_name] = config
+        self._apply_active(self._active)
+
     def _apply_active(self, names: list[str]) -> None:
         self._active = list(names)
         for _, layer in adapted_layers(self.model):
@@ -309,10 +351,11 @@ class AdaptedModel(AdapterFiles, nn.Module):
         self._apply_active([n for n in self._active if n != adapter_name])
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "linear", **kwargs):
-        """Add ``adapter_name`` combining ``adapters`` with ``weights`` (``linear``, ``svd``, ``ties``,
-        ``dare_linear``, ``dare_ties``, ``magnitude_prune``). See :mod:`lava_peft.combine` for the math
-        and the keyword options (``density``, ``seed``, ``svd_rank``, ``result_method``, ...)."""
+                             combination_type: str = "exact_linear", **kwargs):
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``: ``exact_linear`` (the exact sum) or
+        one of PEFT's types with PEFT's results (``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``, ``dare_*``,
+        ``magnitude_prune(_svd)``). See :mod:`lava_peft.combine` for the math and the keyword options
+        (``density``, ``svd_rank``, ``svd_clamp``, ``seed``/``generator``, ``result_method``, ...)."""
         from .combine import add_weighted_adapter
 
         return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
@@ -506,11 +549,13 @@ class AdaptedModel(AdapterFiles, nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-        allow_nonfinite: bool = False,
+        allow_nonfinite: bool = False, strict_base: bool = False,
     ) -> "AdaptedModel":
-        """Base model + saved adapter directory -> AdaptedModel with that adapter active."""
+        """Base model + saved adapter directory -> AdaptedModel with that adapter active (options as
+        :meth:`load_adapter`; ``strict_base=True`` also checks the base weights' sha256)."""
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite,
+                             strict_base=strict_base)
         wrapped.set_adapter(adapter_name)
         if not is_trainable:
             wrapped.eval()

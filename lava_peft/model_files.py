@@ -22,10 +22,11 @@ from .adapter_files import (
     split_saved_key,
     write_adapter_dir,
 )
-from .errors import AdapterFileError, IncompatibleBaseModelError
+from .errors import AdapterFileError
+from .fingerprint import base_fingerprint, check_base_fingerprint
 from .inject import adapted_layers, saved_module_wrappers
-from .io import check_tensors_match, fingerprint
-from .layers import AdaptedLayer, ConvOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
+from .io import check_tensors_match
+from .layers import ConvOps, GPT2Conv1DOps, SavedModuleWrapper
 from .methods.factors import factor_codec
 from .peft_common import LORA_KEY, PREFIX, conv_matches_peft, lora_config_fields, lora_tensors
 
@@ -124,13 +125,8 @@ class AdapterFiles:
         self.load_adapter_tensors(adapter_name, tensors)
 
     def base_fingerprint(self, adapter_name: str | None = None) -> dict:
-        name = adapter_name or self.active_adapter
-        shapes = {
-            path: list(layer.base_weight.shape)
-            for path, layer in adapted_layers(self.model)
-            if name in layer.adapters
-        }
-        return fingerprint(shapes)
+        """What a saved adapter records about its base layers: shapes and the sha256 of their weights."""
+        return base_fingerprint(self.model, adapter_name or self.active_adapter)
 
     def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
                         is_main_process: bool | None = None, *, selected_adapters: Sequence[str] | None = None,
@@ -181,42 +177,24 @@ class AdapterFiles:
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
-    def _check_fingerprint(self, fp: dict, source: str) -> list[str]:
-        modules = fp.get("modules") if isinstance(fp, dict) else None
-        if not isinstance(modules, dict) or not modules:
-            raise AdapterFileError(f"{source} has no base_model_fingerprint.modules; the file is corrupt")
-        problems = []
-        for path, shape in modules.items():
-            try:
-                module = self.model.get_submodule(path)
-            except AttributeError:
-                problems.append(f"{path}: no such module in this base model")
-                continue
-            base = module.base_layer if isinstance(module, AdaptedLayer) else module
-            if layer_ops(base) is None:
-                problems.append(f"{path}: is a {type(base).__name__}, not an adaptable layer")
-            elif list(base.weight.shape) != list(shape):
-                problems.append(f"{path}: weight shape {list(base.weight.shape)} here, {list(shape)} in the adapter")
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-            raise IncompatibleBaseModelError(
-                f"the adapter in {source} was saved for a different base model: {shown}. "
-                "Load it into the base model it was trained on."
-            )
-        return list(modules)
+    def check_fingerprint(self, fp: dict, source: str, strict_base: bool = False) -> list[str]:
+        """Refuse (changing nothing) a base model that does not fit a saved ``base_model_fingerprint``: module
+        names and shapes, and with ``strict_base`` the weights' sha256; returns the adapted module paths."""
+        return check_base_fingerprint(self.model, fp, source, strict_base)
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_nonfinite: bool = False) -> None:
+                     allow_nonfinite: bool = False, strict_base: bool = False) -> None:
         """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it).
 
         Everything is checked before the model changes: the config's fields and types, the base
-        model's fingerprint, every tensor's key, shape and dtype, and that values are finite
-        (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
+        model's fingerprint (module names and weight shapes; with ``strict_base=True`` also the
+        sha256 of every targeted base weight's bytes), every tensor's key, shape and dtype, and that
+        values are finite (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
         """
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
-        self._check_new_name(adapter_name)
-        target_names = self._check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory))
+        self.check_new_name(adapter_name)
+        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base)
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config.replace(inference_mode=not is_trainable), target_names=target_names)
         expected: dict[str, torch.Tensor] = {}

@@ -45,7 +45,7 @@ PeftConfig = AdapterConfig
 _PEFT_FIELDS_READ = ("target_modules", "exclude_modules", "modules_to_save", "r", "lora_alpha", "rank_pattern",
                      "alpha_pattern", "lora_dropout", "use_rslora", "task_type", "inference_mode",
                      "base_model_name_or_path", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out",
-                     "init_lora_weights")
+                     "init_lora_weights", "use_dora")
 
 
 def _is_ours(payload: dict) -> bool:
@@ -59,7 +59,7 @@ def config_from_peft_dict(data: dict, source: str = "a PEFT config") -> AdapterC
     if data.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{source} is a PEFT {data.get('peft_type')!r} config; only LORA configs convert "
                                "to a lava-peft config (load SHiRA adapters with lp.PeftModel.from_pretrained)")
-    changing = [k for k in ("use_dora", "lora_bias", "layer_replication", "target_parameters") if data.get(k)]
+    changing = [k for k in ("lora_bias", "layer_replication", "target_parameters") if data.get(k)]
     if changing:
         raise AdapterFileError(f"{source}: PEFT LoRA features {changing} are not supported here")
     fields = {k: data[k] for k in _PEFT_FIELDS_READ if k in data and data[k] is not None}
@@ -95,25 +95,34 @@ class PeftModel(AdaptedModel):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        config: AdapterConfig | None = None, allow_nonfinite: bool = False, **kwargs) -> "PeftModel":
+                        config: AdapterConfig | None = None, allow_nonfinite: bool = False, strict_base: bool = False,
+                        **kwargs) -> "PeftModel":
         """Base model + adapter directory (lava-peft's, or a HF PEFT one) -> model with that adapter active.
 
         ``config``/``kwargs`` (PEFT's ``autocast_adapter_dtype``, ``low_cpu_mem_usage`` ...) are accepted
-        and change nothing: the stored config is what was trained."""
+        and change nothing: the stored config is what was trained.  ``strict_base``: as
+        :meth:`AdaptedModel.load_adapter`."""
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_nonfinite=allow_nonfinite,
+                             strict_base=strict_base)
         wrapped.set_adapter(adapter_name)
         if not is_trainable:
             wrapped.eval()
         return wrapped
 
     def load_adapter(self, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_nonfinite: bool = False, **kwargs) -> None:
-        """Load a lava-peft or HF PEFT adapter directory as ``adapter_name`` (the active adapters stay as they were)."""
+                     allow_nonfinite: bool = False, strict_base: bool = False, **kwargs) -> None:
+        """Load a lava-peft or HF PEFT adapter directory as ``adapter_name`` (the active adapters stay as they were).
+
+        ``strict_base=True`` (lava-peft folders only: a HF PEFT folder records nothing about its base weights)
+        also checks the sha256 of every targeted base weight."""
         payload = read_adapter_dir(model_id, parse_config=False, load_tensors=False).payload
         if _is_ours(payload):
             return super().load_adapter(model_id, adapter_name, is_trainable=is_trainable,
-                                        allow_nonfinite=allow_nonfinite)
+                                        allow_nonfinite=allow_nonfinite, strict_base=strict_base)
+        if strict_base:
+            raise AdapterFileError(f"{model_id} is a HF PEFT folder: it records no hashes of its base weights, so "
+                                   "strict_base=True cannot check them; load it without strict_base")
         active = self.active_adapters
         import_peft(self, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
         if active:

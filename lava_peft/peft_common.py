@@ -57,9 +57,10 @@ def conv_matches_peft(conv: nn.Module) -> bool:
 
 def lora_config_fields(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: bool, dropout: float,
                        fan_in_fan_out: bool, saved: list[str], base_model_name_or_path: str | None,
-                       task_type: str | None = None) -> dict:
+                       task_type: str | None = None, use_dora: bool = False) -> dict:
     """A HF PEFT ``LoraConfig`` dict giving module ``p`` rank ``ranks[p]`` and ``lora_alpha`` ``alphas[p]``
-    (the most common values as ``r``/``lora_alpha``, the others as regex-escaped full-path patterns)."""
+    (the most common values as ``r``/``lora_alpha``, the others as regex-escaped full-path patterns);
+    ``use_dora``: the file also holds each module's ``lora_magnitude_vector`` (DoRA)."""
     r_default = Counter(ranks.values()).most_common(1)[0][0]
     alpha_default = Counter(alphas.values()).most_common(1)[0][0]
     return {
@@ -78,7 +79,7 @@ def lora_config_fields(ranks: dict[str, int], alphas: dict[str, float], *, use_r
         "bias": "none",
         "modules_to_save": saved or None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": bool(use_dora),
     }
 
 

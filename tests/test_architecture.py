@@ -182,3 +182,49 @@ def test_registry_hooks_cover_the_cli_and_peft():
             if hook is not None:
                 assert callable(method_hook(hook)), (method, hook)
     assert config_class("shira").peft_type == "SHIRA" and config_class("sft").peft_type is None
+
+
+def test_private_model_methods_stay_private():
+    """Nothing outside model.py calls a private method of ``AdaptedModel`` (tools use plan/commit/check_known/
+    replace_adapter/check_fingerprint/sampler_state)."""
+    private = {name for name in vars(lp.AdaptedModel) if name.startswith("_") and not name.startswith("__")}
+    assert "_apply_active" in private
+    hits = []
+    for module, path in _modules().items():
+        if module == "lava_peft.model":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                hits.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    assert not hits, f"private AdaptedModel methods used outside model.py: {hits}"
+
+
+def test_adapter_folders_are_read_and_written_only_by_adapter_files():
+    """The atomic-folder primitives of io.py are used by adapter_files.py alone (the checkpoint code included)."""
+    primitives = {"atomic_directory", "read_adapter_files", "tensors_from_bytes"}
+    hits = []
+    for module, path in _modules().items():
+        if module in ("lava_peft.io", "lava_peft.adapter_files"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            names += [node.attr] if isinstance(node, ast.Attribute) else []
+            hits += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n in primitives]
+    assert not hits, f"adapter folders handled outside adapter_files.py: {hits}"
+
+
+def test_factor_variants_use_the_hook_not_shadowing_properties():
+    """DyLoRA / MoSA / low-bit change their factors through ``effective_factors()``; no class replaces a
+    stored factor (``lora_A`` …) by a property, and every factor variant implements the hook itself."""
+    import inspect
+
+    from lava_peft.config import adapter_class
+    from lava_peft.methods.factorized import FactorizedAdapter
+
+    for method in lp.registered_methods():
+        registered = adapter_class(method)
+        for cls in {registered, *getattr(registered, "variants", {}).values()}:
+            for name in ("lora_A", "lora_B", "lava_U", "lava_V", "lava_P"):
+                assert not isinstance(inspect.getattr_static(cls, name, None), property), (cls, name)
+        if issubclass(registered, FactorizedAdapter):
+            assert "effective_factors" in vars(registered), f"{method} does not implement effective_factors()"

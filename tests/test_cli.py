@@ -312,3 +312,164 @@ def test_default_learning_rate_depends_on_the_method(tmp_path):
     assert cli.resolve_train_options(ns)["lr"] == 1e-3
     ns = cli.build_parser().parse_args(["train", "--method", "sft", "--lr", "0.005", "--out", str(tmp_path)])
     assert cli.resolve_train_options(ns)["lr"] == 0.005  # an explicit --lr wins
+
+
+def test_train_task_rank_forwards_to_lava_rank(monkeypatch, tmp_path):
+    """`lava train --task rank-count` is `lava rank`: the options a user gives reach the ranking run."""
+    from lava_peft.ranking import commands as ranking
+
+    seen = {}
+    monkeypatch.setattr(ranking, "run", lambda ns: seen.update(vars(ns)) or 0)
+    code = cli.main(["train", "--task", "rank-count", "--out", str(tmp_path / "r"), "--epochs", "2",
+                     "--n-train", "50", "--seed", "3"])
+    assert code == 0
+    assert (seen["task"], seen["epochs"], seen["n_train"], seen["seed"]) == ("rank-count", 2.0, 50, 3)
+    assert seen["n_eval"] == 400  # not given: lava rank's own default, not lava train's
+
+
+# ----------------------------------------------------------------------------- user errors: one line, exit 2
+def _one_line_error(proc_or_err, code=None) -> str:
+    """The stderr of a failed command: exactly one line, no traceback."""
+    err = proc_or_err if isinstance(proc_or_err, str) else proc_or_err.stderr
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _fake_run(root: Path, run_json: str) -> Path:
+    """A run directory as `lava train` leaves it, but with the given run.json text and a corrupt adapter config."""
+    run = root / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run.json").write_text(run_json)
+    (run / "adapter" / "adapter_config.json").write_text("{broken")
+    return run
+
+
+def test_corrupt_run_json_is_one_line_for_eval_and_merge(tmp_path, capsys):
+    run = _fake_run(tmp_path, '{"cli": {"model": "small_cnn", "da')  # truncated by a crash
+    proc = lava("eval", run)  # a real process: exit code and stderr as a shell sees them
+    assert proc.returncode == 2
+    line = _one_line_error(proc)
+    assert line.startswith("lava eval: error: ") and "run.json is corrupt" in line and "--model and --data" in line
+    assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 2
+    assert "run.json is corrupt" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "merged").exists()
+    # with --model and --data the record is not needed: the next problem (the corrupt adapter config) is reported
+    assert cli.main(["eval", str(run), "--model", "small_cnn", "--data", "digits"]) == 2
+    assert "adapter_config.json is not valid JSON" in _one_line_error(capsys.readouterr().err)
+
+
+def test_out_inside_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    code = cli.main(["train", "--model", "small_cnn", "--data", "digits", "--out", str(afile / "sub")])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2 and f"{afile} is a file, so no directory can be made inside it" in line
+    run = _fake_run(tmp_path, '{"cli": {"model": "small_cnn", "data": "digits"}}')
+    assert cli.main(["merge", str(run), "--out", str(afile / "sub")]) == 2
+    assert "is a file, so no directory can be made" in _one_line_error(capsys.readouterr().err)
+    assert afile.read_text() == "keep me"
+
+
+def test_model_folder_without_weights_or_with_only_a_pickle(tmp_path, capsys):
+    """A config.json without weights, or with only pytorch_model.bin, is refused with the fix; the pickle is
+    never opened (unpickling it would create a folder)."""
+    import pickle
+
+    from lava_peft.train.tasks import load_base_model
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text('{"model_type": "bert"}')
+    code = cli.main(["train", "--model", str(empty), "--data", "rotten_tomatoes", "--out", str(tmp_path / "never")])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2 and "has a config.json but no weights (model.safetensors" in line
+
+    marker = tmp_path / "the-pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"model_type": "bert"}')
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": Payload()}))
+    proc = lava("train", "--model", pickled, "--data", "rotten_tomatoes", "--out", tmp_path / "never")
+    line = _one_line_error(proc)
+    assert proc.returncode == 2 and "holds only pickled weights (pytorch_model.bin)" in line
+    assert "never loads pickles" in line and "safe_serialization=True" in line
+    with pytest.raises(lp.LavaConfigError, match="only pickled weights"):
+        load_base_model(str(pickled), "rotten_tomatoes")
+    assert not marker.exists() and not (tmp_path / "never").exists()
+
+
+def test_unreadable_config_file_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "run.yaml"
+    folder.mkdir()  # exists but cannot be read as a file, for every user (root included)
+    assert cli.main(["train", "--config", str(folder), "--out", str(tmp_path / "never")]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"config file {folder} cannot be read (Is a directory)" in line
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("model: small_cnn\n")
+    locked.chmod(0)
+    try:
+        code = cli.main(["train", "--config", str(locked), "--out", str(tmp_path / "never")])
+        if os.geteuid() != 0:  # root reads any file; everyone else gets the permission error in one line
+            assert code == 2 and "cannot be read (Permission denied)" in _one_line_error(capsys.readouterr().err)
+    finally:
+        locked.chmod(0o600)
+    assert not (tmp_path / "never").exists()
+
+
+def test_nonexistent_data_and_paths_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "no" / "such"
+    assert cli.main(["train", "--model", "small_cnn", "--data", str(missing), "--out", str(tmp_path / "never")]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"unknown data set {str(missing)!r}" in line and "digits" in line
+    for command in (["eval", str(missing)], ["inspect", str(missing)], ["plot", str(missing)]):
+        assert cli.main(command) == 2, command
+        assert str(missing) in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "never").exists()
+
+
+def test_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    """An OSError from a user's path (here: a PNG to be written inside a file) is one line naming the path;
+    ``--debug`` (before or after the command) adds the traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "loss": 0.5}) + "\n")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["plot", str(run), "--out", str(afile / "curves.png")]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(afile) in line and "run with --debug for the traceback" in line
+    for args in (["--debug", "plot", str(run), "--out", str(afile / "c.png")],
+                 ["plot", str(run), "--debug", "--out", str(afile / "c.png")]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err
+        assert err.strip().splitlines()[-1].startswith("lava plot: error: ")
+
+
+def test_value_errors_from_a_command_are_user_errors_but_bugs_keep_their_traceback(capsys):
+    def bad_value(ns):
+        return int("eight")
+
+    def bug(ns):
+        raise RuntimeError("a bug")
+
+    cli.register_command("bad-value", "raises ValueError", lambda p: None, bad_value)
+    cli.register_command("bug", "raises RuntimeError", lambda p: None, bug)
+    try:
+        assert cli.main(["bad-value"]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert "invalid literal for int() with base 10: 'eight' (ValueError;" in line
+        assert cli.main(["--debug", "bad-value"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and 'int("eight")' in err
+        with pytest.raises(RuntimeError, match="a bug"):
+            cli.main(["bug"])
+    finally:
+        cli.COMMANDS.pop("bad-value")
+        cli.COMMANDS.pop("bug")

@@ -31,10 +31,10 @@ def _delta(model, name, path="0"):
 
 
 @pytest.mark.parametrize("pair,layer", list(itertools.product(PAIRS, LAYERS)))
-def test_linear_is_the_exact_weighted_sum_and_stays_factored(pair, layer):
+def test_exact_linear_is_the_exact_weighted_sum_and_stays_factored(pair, layer):
     m1, m2 = pair
     model, x = _two_adapters(layer, m1, m2)
-    report = model.add_weighted_adapter(["a", "b"], [0.7, -1.3], "ab")
+    report = model.add_weighted_adapter(["a", "b"], [0.7, -1.3], "ab", "exact_linear")
     expected = 0.7 * _delta(model, "a") - 1.3 * _delta(model, "b")
     torch.testing.assert_close(_delta(model, "ab"), expected, rtol=1e-5, atol=1e-5)
     method1, method2 = CONFIGS[m1]().method, CONFIGS[m2]().method
@@ -51,7 +51,7 @@ def test_linear_is_the_exact_weighted_sum_and_stays_factored(pair, layer):
     else:
         assert report.ranks["0"] == min(ra + rb, limit)
     # with weights 1, 1 the combined adapter equals both adapters active at once
-    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "sum")
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "sum")  # the default type is exact_linear
     with torch.no_grad():
         model.set_adapter(["a", "b"])
         both = model(x)
@@ -60,9 +60,9 @@ def test_linear_is_the_exact_weighted_sum_and_stays_factored(pair, layer):
     torch.testing.assert_close(combined, both, rtol=1e-4, atol=1e-5)
 
 
-def test_lava_conv_linear_concatenates_cp_components_exactly():
+def test_lava_conv_exact_linear_concatenates_cp_components_exactly():
     model, _ = _two_adapters("conv2d_grouped", "lava", "lava")
-    model.add_weighted_adapter(["a", "b"], [2.0, 0.5], "ab")
+    model.add_weighted_adapter(["a", "b"], [2.0, 0.5], "ab", "exact_linear")
     a, b, ab = (model.model[0].adapters[n] for n in ("a", "b", "ab"))
     # U columns are w·s·U of each input (scale of the result is 1), the other factors are stacked
     torch.testing.assert_close(ab.lava_U, torch.cat([2.0 * a.scale * a.lava_U, 0.5 * b.scale * b.lava_U], 1))
@@ -195,13 +195,14 @@ def _ref_topk(t: np.ndarray, density: float) -> np.ndarray:
 
 
 def _ref_combine(taus, weights, kind, density, gen=None, sign_method="total"):
+    """Independent numpy TIES/DARE/magnitude rules; DARE masks drawn as PEFT does (bernoulli, per tensor)."""
     taus = [t.double().numpy() for t in taus]
     if kind in ("ties", "magnitude_prune"):
         pruned = [_ref_topk(t, density) for t in taus]
     else:
         pruned = []
         for t in taus:
-            keep = (torch.rand(t.shape, generator=gen) < density).double().numpy()
+            keep = torch.bernoulli(torch.full(t.shape, density), generator=gen).double().numpy()
             pruned.append(t * keep / density)
     if kind in ("magnitude_prune", "dare_linear"):
         return sum(w * p for w, p in zip(weights, pruned))
@@ -218,7 +219,9 @@ def _ref_combine(taus, weights, kind, density, gen=None, sign_method="total"):
 
 @pytest.mark.parametrize("kind", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
 @pytest.mark.parametrize("sign_method", ["total", "frequency"])
-def test_pruned_combinations_match_a_reference_implementation(kind, sign_method):
+def test_pruned_svd_types_on_dense_deltas_match_a_reference_implementation(kind, sign_method):
+    """``<rule>_svd`` with ``result_method="dense_delta"``: the rule on the dense ``ΔW_a`` without a refit
+    (what ``ties`` etc. meant before they took PEFT's factor-wise meaning), mixed ranks and methods."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 9), nn.Conv2d(3, 4, 3), nn.Embedding(12, 5))
     model = lp.adapt(net, lp.LoraConfig(r=2, target_modules=["0", "1", "2"]), "a")
@@ -226,22 +229,25 @@ def test_pruned_combinations_match_a_reference_implementation(kind, sign_method)
     model.add_adapter("c", lp.LavaConfig(r=1, target_modules=["0", "2"]))
     randomize_adapters(model, 5)
     names, weights, density = ["a", "b", "c"], [0.5, 1.5, -0.8], 0.4
-    report = model.add_weighted_adapter(names, weights, "m", kind, density=density, seed=7,
-                                        majority_sign_method=sign_method)
+    report = model.add_weighted_adapter(names, weights, "m", kind + "_svd", density=density, seed=7,
+                                        majority_sign_method=sign_method, result_method="dense_delta")
     assert report.method == "dense_delta"
     gen = torch.Generator().manual_seed(7)
-    for path in ("0", "1", "2"):  # model order, as documented
+    for path in ("0", "1", "2"):  # model order; adapters absent from a layer draw nothing
         layer = model.model.get_submodule(path)
-        taus = [layer.adapters[n].delta_weight().detach() if n in layer.adapters else torch.zeros(layer.spec.canonical_shape)
-                for n in names]
-        ref = _ref_combine(taus, weights, kind, density, gen, sign_method)
+        present = [n for n in names if n in layer.adapters]
+        # the embedding's ΔW is combined in the layer's own layout (num_embeddings, dim), as PEFT's
+        # get_delta_weight returns it: the DARE mask entries are drawn in that order
+        flip = (lambda t: t.T) if path == "2" else (lambda t: t)
+        taus = [flip(layer.adapters[n].delta_weight().detach()) for n in present]
+        ref = flip(_ref_combine(taus, [weights[names.index(n)] for n in present], kind, density, gen, sign_method))
         got = layer.adapters["m"].delta_weight().detach().double().numpy()
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
         if kind in ("ties", "magnitude_prune"):  # at most density of each input survives
             assert (got != 0).sum() <= sum(int(density * t.numel()) for t in taus)
 
 
-def test_dare_is_seeded_and_ties_with_svd_rank_refits_low_rank():
+def test_dare_is_seeded_and_ties_svd_refits_low_rank():
     torch.manual_seed(0)
     model = lp.adapt(nn.Sequential(nn.Linear(12, 10)), lp.LoraConfig(r=3, target_modules=["0"]), "a")
     model.add_adapter("b", lp.LoraConfig(r=3, target_modules=["0"]))
@@ -251,8 +257,8 @@ def test_dare_is_seeded_and_ties_with_svd_rank_refits_low_rank():
     model.add_weighted_adapter(["a", "b"], [1, 1], "d3", "dare_linear", density=0.5, seed=2)
     assert torch.equal(_delta(model, "d1"), _delta(model, "d2"))
     assert not torch.equal(_delta(model, "d1"), _delta(model, "d3"))
-    model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties", density=0.5)
-    report = model.add_weighted_adapter(["a", "b"], [1, 1], "t2", "ties", density=0.5, svd_rank=2)
+    model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties_svd", density=0.5, result_method="dense_delta")
+    report = model.add_weighted_adapter(["a", "b"], [1, 1], "t2", "ties_svd", density=0.5, svd_rank=2)
     assert report.method == "lora" and model.model[0].adapters["t2"].lora_A.shape == (2, 12)
     ref = _eckart_young(_delta(model, "t"), 2)
     torch.testing.assert_close(_delta(model, "t2").double(), ref, atol=1e-5, rtol=1e-4)
@@ -263,7 +269,7 @@ def test_methods_without_factors_combine_densely(tmp_path):
     model = lp.adapt(nn.Sequential(nn.Linear(6, 5)), lp.LoraConfig(r=2, target_modules=["0"]), "a")
     model.add_adapter("b", lp.LoraConfig(r=2, target_modules=["0"]))
     randomize_adapters(model)
-    model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties", density=0.6)  # a dense_delta adapter
+    model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties_svd", density=0.6, result_method="dense_delta")
     report = model.add_weighted_adapter(["t", "a"], [0.5, 2.0], "mix")
     assert report.method == "dense_delta"
     torch.testing.assert_close(_delta(model, "mix"), 0.5 * _delta(model, "t") + 2 * _delta(model, "a"))
@@ -292,7 +298,12 @@ def _snapshot(model):
         (dict(adapters=["a", "zz"], weights=[1, 1]), lp.AdapterNameError, "zz"),
         (dict(adapters=["a", "b"], weights=[1]), lp.LavaConfigError, "one weight each"),
         (dict(adapters=["a", "b"], weights=[1, float("nan")]), lp.LavaConfigError, "finite"),
-        (dict(adapters=["a", "b"], weights=[1, 1], combination_type="cat"), lp.LavaConfigError, "unknown"),
+        (dict(adapters=["a", "b"], weights=[1, 1], combination_type="concat"), lp.LavaConfigError, "unknown"),
+        (dict(adapters=["a", "b"], weights=[1, 1], combination_type="ties", density=0.5, svd_rank=2),
+         lp.LavaConfigError, "SVD types"),
+        (dict(adapters=["a", "b"], weights=[1, 1], combination_type="svd", svd_clamp=1.5), lp.LavaConfigError, "quantile"),
+        (dict(adapters=["a", "b"], weights=[1, 1], combination_type="svd", svd_driver="gesvd"), lp.LavaConfigError, "CUDA"),
+        (dict(adapters=["a", "c"], weights=[1, 1], combination_type="linear"), lp.LavaConfigError, "equal ranks"),
         (dict(adapters=["a", "b"], weights=[1, 1], combination_type="ties"), lp.LavaConfigError, "density"),
         (dict(adapters=["a", "b"], weights=[1, 1], combination_type="ties", density=1.5), lp.LavaConfigError, "density"),
         (dict(adapters=["a", "b"], weights=[1, 1], density=0.5), lp.LavaConfigError, "density"),
@@ -304,6 +315,7 @@ def test_bad_arguments_raise_clear_errors_and_leave_the_model_unchanged(kwargs, 
     torch.manual_seed(0)
     model = lp.adapt(nn.Sequential(nn.Conv2d(3, 4, 3)), lp.LavaConfig(r=2, target_modules=["0"]), "a")
     model.add_adapter("b", lp.LoraConfig(r=2, target_modules=["0"]))
+    model.add_adapter("c", lp.LoraConfig(r=3, target_modules=["0"]))
     before = _snapshot(model)
     kwargs = dict(kwargs)
     args = (kwargs.pop("adapters"), kwargs.pop("weights"), kwargs.pop("adapter_name", "new"))

@@ -53,6 +53,9 @@ CONFIGS = {
     "lava_rslora_uniform": lambda: lp.LavaConfig(
         r=3, alpha=2, target_modules=["0"], use_rslora=True, spatial_init="uniform", rank_pattern={"0": 1}
     ),
+    # DoRA (weight-decomposed): magnitude ‖W0 + ΔW‖_c; on a conv LAVA the direction is W0 + a CP sum
+    "lora_dora": lambda: lp.LoraConfig(r=2, alpha=4, target_modules=["0"], use_dora=True),
+    "lava_dora_rslora": lambda: lp.LavaConfig(r=2, alpha=3, target_modules=["0"], use_dora=True, use_rslora=True),
     "dylora_lora": lambda: lp.DyLoraConfig(r=3, alpha=4, target_modules=["0"]),
     "dylora_lora_frozen_global": lambda: lp.DyLoraConfig(
         r=3, r_min=2, alpha=2, target_modules=["0"], update="frozen", rank_sampling="global", init="gaussian"
@@ -167,7 +170,9 @@ def test_save_then_from_pretrained_gives_identical_outputs(method, layer, tmp_pa
     _train_steps(model, x)
     model.eval()
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the two files, the manifest that makes them one unit; hidden: the generation copy and the writers' lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lava-gen-000001", ".lava-lock", "adapter_config.json", "adapter_model.safetensors", "lava_manifest.json"]
     loaded = lp.AdaptedModel.from_pretrained(fresh_base, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

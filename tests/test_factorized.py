@@ -190,6 +190,8 @@ def test_registered_class_is_built_through_for_layer(cls):
 def test_sampler_state_is_the_models(cls):
     """``AdaptedModel.sampler_state`` counts training forwards (the step of the next draw) and restores it;
     the checkpoint helpers read and write exactly that."""
+    from lava_peft.train import checkpoint as ckpt
+
     torch.manual_seed(0)
     model = lp.adapt(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), cls(r=2, alpha=4.0, target_modules=["0", "1"]))
     model.train()
@@ -197,14 +199,87 @@ def test_sampler_state_is_the_models(cls):
     x = torch.randn(3, 6)
     for _ in range(3):
         model(x)
-    assert model.sampler_state() == {"default": 3} == fz.sampler_clocks(model)
+    assert model.sampler_state() == {"default": 3} == ckpt.sampler_state(model)
     clock = model.adapter_layers()[0][1].step_clock()
     assert all(a.step_clock() is clock for _, a in model.adapter_layers())
-    fz.set_sampler_clocks(model, {"default": 7, "absent": 1})
+    ckpt.load_sampler_state(model, {"default": 7, "absent": 1})
     assert model.sampler_state() == {"default": 7} and clock.step == 7
     model.load_sampler_state({"default": 2})
     model(x)
     assert model.sampler_state() == {"default": 3}
-    assert fz.sampler_clocks(nn.Linear(2, 2)) == {}
+    assert ckpt.sampler_state(nn.Linear(2, 2)) == {}
     plain = lp.adapt(nn.Sequential(nn.Linear(6, 5)), lp.LoraConfig(r=2, target_modules=["0"]))
     assert plain.sampler_state() == {}
+
+
+# ----------------------------------------------------------------------------- the effective_factors hook
+def _cp_delta(up, modes, scale, shape):
+    """Independent ΔW: einsum over the CP modes (matrix form when one mode)."""
+    if len(modes) == 1:
+        return (scale * up @ modes[0]).reshape(shape)
+    letters = "abcdefgh"[: len(modes) - 1]
+    eq = "oj,ji," + ",".join(f"j{c}" for c in letters) + "->oi" + letters
+    return scale * torch.einsum(eq, up, *modes)
+
+
+@pytest.mark.parametrize("factorization,layer", [("lora", "linear"), ("lava", "linear"), ("lava", "conv")])
+def test_effective_factors_of_each_variant(factorization, layer):
+    """What each variant hands to the shared LoRA/LAVA code, against a computation from the stored factors:
+    DyLoRA the first b components at α/b, MoSA in training a module's masked factors at c·s (merged otherwise),
+    low-bit the fake-quantized factors; ``delta_weight`` is built from exactly these (MoSA: the merged ones)."""
+    from lava_peft.lowbit import fake_quantize
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5)) if layer == "linear" else nn.Sequential(nn.Conv2d(3, 4, 3))
+    shape = tuple(base[0].weight.shape)
+    lava = {"orth_lambda": 0.0} if factorization == "lava" else {}
+    configs = {
+        "dylora": DyLoraConfig(r=3, alpha=6.0, r_min=1, eval_rank=2, factorization=factorization, target_modules=["0"], **lava),
+        "mosa": MosaConfig(r=3, alpha=6.0, n_modules=2, split="all", factorization=factorization, target_modules=["0"]),
+        "lowbit": LowBitConfig(r=3, alpha=6.0, bits=2, factorization=factorization, target_modules=["0"]),
+    }
+    for method, config in configs.items():
+        model = lp.adapt(copy.deepcopy(base), config)
+        adapter = model.adapter_layers()[0][1]
+        with torch.no_grad():
+            for key in adapter.factor_keys():
+                adapter.factor(key).normal_()
+        up, modes = adapter.factor(adapter.factor_keys()[0]), [adapter.factor(k) for k in adapter.factor_keys()[1:]]
+        model.eval()
+        with torch.no_grad():
+            eff_up, eff_modes, scale = adapter.effective_factors()
+            if method == "dylora":
+                assert scale == 6.0 / 2 and torch.equal(eff_up, up[:, :2])
+                assert all(torch.equal(e, m[:2]) for e, m in zip(eff_modes, modes))
+            elif method == "mosa":
+                assert scale == adapter.scale and torch.equal(eff_up, up)
+            else:
+                assert scale == 6.0 / 3 and torch.equal(eff_up, fake_quantize(up, 2))
+                assert all(torch.equal(e, fake_quantize(m, 2)) for e, m in zip(eff_modes, modes))
+            torch.testing.assert_close(adapter.delta_weight(), _cp_delta(eff_up, eff_modes, scale, shape),
+                                       rtol=1e-5, atol=1e-6)
+        if method == "mosa":  # training: the drawn module's masks at the training scale; ΔW stays the merged one
+            model.train()
+            eff_up, eff_modes, scale = adapter.effective_factors()
+            k = adapter.last_module
+            assert scale == adapter.train_scale == adapter.scale * 2 ** len(adapter.factor_keys())
+            assert torch.equal(eff_up, up * adapter.module_mask(adapter.factor_keys()[0], k))
+            merged = _cp_delta(up.detach(), [m.detach() for m in modes], adapter.scale, shape)
+            torch.testing.assert_close(adapter.delta_weight().detach(), merged, rtol=1e-5, atol=1e-6)
+
+
+def test_replace_adapter_checks_the_layers_and_keeps_the_flags():
+    torch.manual_seed(0)
+    model = lp.adapt(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), lp.LoraConfig(r=2, target_modules=["0", "1"]))
+    layers = dict(model.adapter_layers())
+    before = {p: a for p, a in layers.items()}
+    with pytest.raises(lp.AdapterNameError, match=r"missing \['1'\]"):
+        model.replace_adapter("default", model.peft_config["default"], {"0": layers["0"]})
+    assert dict(model.adapter_layers()) == before  # nothing changed
+    cfg = lp.LoraConfig(r=2, alpha=4.0, target_modules=["0", "1"])
+    new = {p: LoraAdapter(a.spec, cfg, p) for p, a in layers.items()}
+    for a in new.values():
+        a.requires_grad_(False)
+    model.replace_adapter("default", cfg, new)
+    assert model.peft_config["default"] is cfg and all(dict(model.adapter_layers())[p] is a for p, a in new.items())
+    assert all(p.requires_grad for a in new.values() for p in a.parameters())  # active adapter: trainable again

@@ -154,7 +154,7 @@ def test_dense_delta_adapters_hotswap_by_plain_copy(tmp_path):
         model = lp.adapt(_net(), lp.LoraConfig(r=2, target_modules=["fc", "head"]), "a")
         model.add_adapter("b", lp.LoraConfig(r=2, target_modules=["fc", "head"]))
         randomize_adapters(model, seed)
-        model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties", density=0.5)
+        model.add_weighted_adapter(["a", "b"], [1, 1], "t", "ties_svd", density=0.5, result_method="dense_delta")
         model.save_pretrained(str(tmp_path / f"t{seed}"), adapter_name="t")
         return str(tmp_path / f"t{seed}")
 

@@ -15,12 +15,13 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import lava_peft as lp
 import lava_peft.methods.lowbit  # noqa: F401  (registers "lowbit")
 from lava_peft.errors import AdapterFileError, LavaConfigError, LavaError
+from lava_peft.adapter_files import write_adapter_dir
 from lava_peft.lowbit import (
     adapter_storage_bytes,
     dequantize_from_storage,
@@ -250,7 +251,8 @@ def test_init_zero_delta_and_paper():
     assert torch.count_nonzero(grad_b) > 0
     opt.step()
     torch.testing.assert_close(adapter.latent_factor("lora_B").detach(), -0.1 * grad_b, rtol=1e-6, atol=0)
-    assert len(torch.unique(adapter.lora_B)) == 2
+    up, (down,), _ = adapter.effective_factors()  # the factors in use: 1-bit, two values each
+    assert len(torch.unique(up)) == 2 and torch.equal(up, fake_quantize(adapter.latent_factor("lora_B"), 1))
 
     paper = lp.adapt(copy.deepcopy(base), LowBitConfig(r=2, target_modules=["0"], init="paper"))
     pa = paper.adapter_layers()[0][1]
@@ -441,10 +443,12 @@ def test_corrupt_packed_file_is_refused_before_the_model_changes(tmp_path):
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     good = load_file(str(path))
+    payload = json.loads((tmp_path / "adapter_config.json").read_text())
     for key, bad, match in [("0.lora_A.codes", good["0.lora_A.codes"].float(), "codes must be uint8"),
                             ("0.lora_B.stats", torch.tensor([0.0, float("nan")]), "not finite"),
                             ("0.lora_B.shape", torch.tensor([3, 4]), r"shape must be int64 \[6, 2\]")]:
-        save_file({**good, key: bad}, str(path))
+        # written as one consistent folder (manifest included), so the loader reads exactly these tensors
+        write_adapter_dir(tmp_path, payload, {**good, key: bad})
         target = lp.AdaptedModel(copy.deepcopy(base))
         with pytest.raises(AdapterFileError, match=match):
             target.load_adapter(str(tmp_path))
@@ -487,7 +491,8 @@ def test_minilm_one_bit_lora_on_query_value_lowers_the_loss(one_thread):
         last = model(**batch, labels=labels).loss.item()
     assert last < first - 0.05
     for _, adapter in model.adapter_layers():  # really 1-bit factors
-        assert len(torch.unique(adapter.lora_A)) == 2 and len(torch.unique(adapter.lora_B)) == 2
+        up, (down,), _ = adapter.effective_factors()
+        assert len(torch.unique(down)) == 2 and len(torch.unique(up)) == 2
     assert adapter_storage_bytes(model)["bits_per_param"] == pytest.approx(1.125)  # (1536 + 64 + 128 bits) / 1536
 
 

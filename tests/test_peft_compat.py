@@ -282,6 +282,35 @@ def test_native_files_for_peft_representable_adapters_only(tmp_path):
         assert report["method"] == config.method and all(not m.startswith("base_model") for m in report["modules"])
 
 
+def test_dora_keeps_our_layout_and_peft_dora_folders_load_through_the_peft_api(tmp_path):
+    """DoRA adapters: native save_pretrained keeps the "lava-peft" layout (with the magnitudes) and loads back exactly;
+    a HF PEFT DoRA folder loads through lp.PeftModel / lp.LoraConfig.from_pretrained with PEFT's outputs."""
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                                                               use_dora=True))
+    with torch.no_grad():  # B != 0 and the magnitudes away from the column norms
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)
+    theirs.save_pretrained(str(tmp_path / "peft_dora"))
+    expected = logits(theirs.eval())
+    assert lp.LoraConfig.from_pretrained(tmp_path / "peft_dora").use_dora is True
+    ours = lp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft_dora")
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(lp.LavaError, match="strict_base"):
+        lp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft_dora", strict_base=True)
+    ours.save_pretrained(tmp_path / "native")
+    payload = json.loads((tmp_path / "native" / "adapter_config.json").read_text())
+    keys = load_file(tmp_path / "native" / "adapter_model.safetensors")
+    assert payload["layout"] == "lava-peft" and payload["config"]["use_dora"] is True
+    assert sorted(k for k in keys if k.endswith(".dora_magnitude")) == sorted(
+        f"transformer.h.{i}.{m}.dora_magnitude" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc"))
+    back = lp.AdaptedModel.from_pretrained(tiny_gpt2(), tmp_path / "native", strict_base=True)
+    torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
+
+
 def test_format_v1_fixture_loads():
     """Folders written by the format-1 writer (before this change) load with the outputs they had."""
     expected = load_file(FIXTURES / "expected.safetensors")

@@ -7,10 +7,31 @@ from pathlib import Path
 
 from ..adapter_files import CONFIG_NAME
 from ..errors import LavaError
+from ._paths import check_out_dir_path
 from ..train.checkpoint import FULL_WEIGHTS_NAME, RUN_MARKER
 
-def _locate_weights(path: str) -> tuple[Path, dict]:
-    """(weights dir, run options) for a run dir or an adapter dir inside a run dir."""
+def _run_info(run_dir: Path, need: bool) -> dict:
+    """The `lava train` options recorded in ``run_dir/run.json``; a corrupt file is an error only when
+    they are needed (``need``: ``--model`` or ``--data`` not given)."""
+    file = run_dir / RUN_MARKER
+    try:
+        info = json.loads(file.read_text())
+        info = info.get("cli", {}) if isinstance(info, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        info, why = None, str(exc)
+    else:
+        why = "not a JSON object with a 'cli' mapping"
+    if isinstance(info, dict):
+        return info
+    if need:
+        raise LavaError(f"{file} is corrupt ({why}); pass --model and --data to name the base model and data set "
+                        "yourself, or restore the file")
+    return {}
+
+
+def _locate_weights(path: str, given: bool = False) -> tuple[Path, dict]:
+    """(weights dir, run options) for a run dir or an adapter dir inside a run dir (``given``: --model and
+    --data were passed, so the run's record is not needed)."""
     p = Path(path)
     if not p.exists():
         raise LavaError(f"{path} does not exist; give a run directory (from lava train) or an adapter directory")
@@ -21,9 +42,7 @@ def _locate_weights(path: str) -> tuple[Path, dict]:
         run_dir = p.parent
     if not ((p / CONFIG_NAME).is_file() or (p / FULL_WEIGHTS_NAME).is_file()):
         raise LavaError(f"{p} holds no adapter (adapter_config.json) or trained weights (model.safetensors)")
-    info = {}
-    if (run_dir / RUN_MARKER).is_file():
-        info = json.loads((run_dir / RUN_MARKER).read_text()).get("cli", {})
+    info = _run_info(run_dir, need=not given) if (run_dir / RUN_MARKER).is_file() else {}
     return p, info
 
 
@@ -35,7 +54,7 @@ def _load_trained(path: str, model_name: str | None, data: str | None):
     from ..model import AdaptedModel
     from ..train.tasks import load_base_model
 
-    weights, info = _locate_weights(path)
+    weights, info = _locate_weights(path, given=bool(model_name and data))
     model_name = model_name or info.get("model")
     data = data or info.get("data")
     if not model_name or not data:
@@ -100,7 +119,7 @@ def _add_merge_arguments(p):
 def cmd_merge(ns) -> int:
     from ..model import AdaptedModel
 
-    out = Path(ns.out)
+    out = check_out_dir_path(ns.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not ns.overwrite:
         raise LavaError(f"--out {out} exists and is not empty; nothing was written. Pass --overwrite or choose another")
     model, tok, info, weights = _load_trained(ns.path, ns.model, ns.data)

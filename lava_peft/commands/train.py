@@ -15,6 +15,8 @@ from typing import Any
 
 from ..config import config_class, method_hook, registered_methods
 from ..errors import LavaConfigError
+from .user_train import USER_FLAG_OPTIONS, USER_TRAIN_OPTIONS, train_on_user_data, wants_user_data
+from ._paths import check_out_dir_path
 
 # name -> (default, type, help).  A YAML/JSON config file uses the same names.  The methods'
 # own options (``cli_options`` of their configs) are added after these by :func:`train_options`.
@@ -51,6 +53,8 @@ FLAG_OPTIONS = {
     "resume": "continue the run in --out from its latest checkpoint",
     "no_progress": "no progress bars",
 }
+GENERAL_OPTIONS.update(USER_TRAIN_OPTIONS)  # your own data / --task causal-lm (commands/user_train.py)
+FLAG_OPTIONS.update(USER_FLAG_OPTIONS)
 TRAIN_HELP = "fine-tune a model with an adapter (LAVA, LoRA), its head only, or fully"
 TRAIN_DESCRIPTION = (
     "Fine-tune a pretrained model on a packaged data set and write the run to --out:\n"
@@ -123,9 +127,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 def read_config_file(path: str) -> dict:
     """A YAML/JSON mapping of train options; unknown keys are errors that suggest the right name."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise LavaConfigError(f"config file {path!r} does not exist")
-    text = file.read_text()
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise LavaConfigError(f"config file {path} cannot be read ({why}); give a readable YAML or JSON file") from None
     try:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
@@ -197,9 +205,7 @@ def _parse_targets(targets: str | None, default):
 def _check_out_dir(out: str, overwrite: bool, resume: bool) -> None:
     from ..train.checkpoint import RUN_OUTPUTS, RunDirError
 
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {out} is a file; give a directory")
+    path = check_out_dir_path(out)
     present = [n for n in RUN_OUTPUTS if (path / n).exists()]
     if present and not (overwrite or resume):
         raise RunDirError(f"--out {out} already holds a run ({', '.join(present)}); nothing was changed. "
@@ -236,6 +242,22 @@ def adapter_config_for(opts: dict, targets, task):
     return config
 
 
+def _train_ranking(opts: dict) -> int:
+    """``lava train --task rank-count`` (or another ranking task): the same run as ``lava rank``."""
+    from ..ranking import commands as ranking
+
+    parser = argparse.ArgumentParser(prog="lava train --task " + opts["task"])
+    ranking.add_arguments(parser)
+    argv = ["--task", opts["task"], "--out", opts["out"], "--seed", str(opts["seed"])]
+    for name, flag in (("epochs", "--epochs"), ("n_train", "--n-train"), ("n_eval", "--n-eval"),
+                       ("batch_size", "--batch-size"), ("lr", "--lr"), ("image_size", "--image-size")):
+        if opts.get(name) is not None and opts.get(name) != GENERAL_OPTIONS[name][0]:
+            argv += [flag, str(opts[name])]
+    if opts.get("overwrite"):
+        argv.append("--overwrite")
+    return ranking.run(parser.parse_args(argv))
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     opts = resolve_train_options(ns)
     from ..train.tasks import build_task, model_kind
@@ -252,6 +274,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     print(f"lava train: {threads} CPU thread(s) ({why})", flush=True)
     set_seed(opts["seed"])
+    if str(opts.get("task", "")).startswith("rank-"):  # the ranking adapter's tasks: `lava rank` does the work
+        return _train_ranking(opts)
+    if wants_user_data(opts):  # --data PATH or --task causal-lm
+        return train_on_user_data(opts, build_model_for)
     print(f"lava train: loading {opts['model']} and {opts['data']} ...", flush=True)
     task = build_task(opts["model"], opts["data"], n_train=opts["n_train"] or None, n_eval=opts["n_eval"] or None,
                       seed=opts["seed"], max_len=opts["max_len"], image_size=opts["image_size"])

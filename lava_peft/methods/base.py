@@ -117,11 +117,27 @@ class DeltaAdapter(nn.Module):
         folded in) for a sparse increment, or ``None``: merges then scatter-add instead of adding ``ΔW``."""
         return None
 
+    def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float] | None:
+        """``(up (O, r), [down, P_1, …], scale)``: the factors of a low-rank increment *as the layer
+        call in progress uses them*, or ``None`` (not low rank).
+
+        ``ΔW = scale · Σ_j up[:, j] ⊗ modes[0][j] ⊗ modes[1][j] ⊗ …`` (one mode: matrix form, the
+        flattened kernel; ``1 + N`` modes: CP form on a conv, see :class:`~.factors.Factors`).
+        LoRA and LAVA return their stored parameters; the variants built on their factors
+        return what they train with — DyLoRA the first ``b`` components at scale ``α/b``, MoSA a
+        module's masked factors at the training scale, low-bit the fake-quantized factors — and
+        every shared path (``delta_weight``, the factored forward, :meth:`linear_factors`, the
+        codec's read) computes on these.  A variant may draw (DyLoRA's rank, MoSA's module) when
+        called in training: call it once per layer call.
+        """
+        return None
+
     def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(down (r, I), up (O, r), scale)`` with ``ΔW = scale·up·down`` on a linear layer, or ``None``.
 
         When given, the layer may run base and adapter as one fused autograd node
-        (:mod:`lava_peft.fused_linear`); ``None`` keeps :meth:`forward`.
+        (:mod:`lava_peft.fused_linear`); ``None`` keeps :meth:`forward`.  Low-rank adapters derive
+        it from :meth:`effective_factors` (:func:`lowrank_factors`).
         """
         return None
 
@@ -135,6 +151,18 @@ class DeltaAdapter(nn.Module):
             return None
         down, up, scale = factors
         return lowrank_linear(x, weight, bias, down, up, scale)
+
+    #: ``False`` for adapters whose merged weight is not ``W + ΔW`` (DoRA rescales it): the layer then
+    #: calls :meth:`merge_into_` instead of adding ``delta_weight()`` / fused factors.
+    merges_additively = True
+
+    def merge_into_(self, canonical_weight: torch.Tensor, alpha: float) -> None:
+        """Merge (``alpha=+1``) or unmerge (``-1``) into ``canonical_weight`` in place (non-additive adapters)."""
+        raise NotImplementedError  # pragma: no cover - only called when merges_additively is False
+
+    def init_from_base(self, canonical_weight: torch.Tensor) -> None:
+        """Called once when the adapter is planned, with the frozen base weight in the canonical layout
+        (read only); e.g. DoRA's magnitude ``‖W0‖_c``.  Default: nothing."""
 
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
@@ -154,11 +182,13 @@ def _dropout_active(adapter: "DeltaAdapter") -> bool:
     return isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.training and adapter.dropout.p > 0
 
 
-def lowrank_factors(adapter: "DeltaAdapter", down: torch.Tensor, up: torch.Tensor):
-    """``linear_factors()`` for a factored adapter: only on linear layers, and not while its dropout is active."""
+def lowrank_factors(adapter: "DeltaAdapter"):
+    """``linear_factors()`` of a low-rank adapter from its :meth:`~DeltaAdapter.effective_factors`: only
+    on linear layers, and not while its dropout is active (checked first: nothing is drawn then)."""
     if adapter.spec.kind != "linear" or _dropout_active(adapter):
         return None
-    return down, up, adapter.scale
+    up, modes, scale = adapter.effective_factors()
+    return modes[0], up, scale
 
 
 def lowrank_forward(x, down: torch.Tensor, up: torch.Tensor, scale: float, adapter: "DeltaAdapter", dtype: torch.dtype,

@@ -53,8 +53,6 @@ from typing import ClassVar
 import torch
 
 from ..errors import LavaConfigError
-from .base import DeltaAdapter, _dropout_active, lowrank_forward
-from .cp_conv import cp_conv_separable
 from .factors import Factors
 from .factorized import (FACTORIZATIONS, LAVA_FIELDS, FactorizedAdapter, FactorizedConfig,  # noqa: F401
                          StepCounter, in_backward, register_factorized, shared_per_config)
@@ -277,24 +275,20 @@ class DyLoraAdapter(FactorizedAdapter):
         up, modes = self.truncated_factors(b)
         return Factors(up * self.scale_at(b), modes).dense(self.spec.canonical_shape)
 
-    def linear_factors(self):
-        if self.spec.kind != "linear" or _dropout_active(self):
-            return None
+    def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """The factors of the layer call in progress: the first ``b`` components at scale ``α/b``
+        (``b`` drawn now in training if the layer has not asked yet; :attr:`fixed_rank` outside it).
+        The inherited LoRA / LAVA paths (factored forward, fused Linear node, separable CP conv) run on them."""
         b = self._call_rank()
         up, modes = self.truncated_factors(b)
-        return modes[0], up, self.scale_at(b)
+        return up, modes, self.scale_at(b)
 
     def forward(self, x, base_out, layer):
-        b = self._call_rank()
-        if self.spec.kind == "conv":
-            return self._conv_forward(x, base_out, layer, b)
-        up, modes = self.truncated_factors(b)
-        return lowrank_forward(x, modes[0], up, self.scale_at(b), self, base_out.dtype, base_out)
-
-    def _conv_forward(self, x, base_out, layer, b: int):
-        """Conv through the weight path: ``DeltaAdapter.forward`` with ``ΔW`` at rank ``b``."""
-        self._armed = b
-        return DeltaAdapter.forward(self, x, base_out, layer)
+        """The inherited forward at the rank of this call: armed here, so that whichever path it takes
+        (:meth:`effective_factors`, or :meth:`delta_weight` for a conv's weight path) uses the same ``b``."""
+        if self._armed is None:
+            self._armed = self._enter()
+        return super().forward(x, base_out, layer)
 
     def extra_repr(self) -> str:
         return (f"{self.plain_method}, r_min={self.r_min}, r={self.r}, update={self.update!r}, "
@@ -309,23 +303,10 @@ class DyLoraLavaAdapter(DyLoraAdapter, LavaAdapter):
     """DyLoRA on LAVA factors ``lava_U (O, r)``, ``lava_V (r, I)``, ``lava_P[k] (r, K_k)``: on a conv the
     first ``b`` CP components; the orthogonality term acts on the active components."""
 
-    def _conv_forward(self, x, base_out, layer, b: int):
-        if self.conv_path == "weight" and not self._dropout_active():
-            return super()._conv_forward(x, base_out, layer, b)
-        x_in = self.dropout(x) if self._dropout_active() else x
-        up, modes = self.truncated_factors(b)
-        return cp_conv_separable(x_in, up, modes[0], modes[1:], self.scale_at(b), layer.base_layer,
-                                 base_out.dtype, base_out)
-
     def regularized_factors(self) -> list[torch.Tensor]:
         """LAVA's factors restricted to the active components (the last forward's rank in training)."""
         b = self.last_rank if self.training and self.last_rank is not None else self.fixed_rank
-        up, modes = self.truncated_factors(b)
-        if self.orth_factors == "out":
-            return [up]
-        if self.orth_factors == "in":
-            return [modes[0].T]
-        return [up, *(m.T for m in modes)]
+        return self.orthogonality_terms(*self.truncated_factors(b))
 
 
 register_factorized("dylora", DyLoraConfig, DyLoraAdapter, lora=DyLoraLoraAdapter, lava=DyLoraLavaAdapter)

@@ -163,6 +163,11 @@ class FactorizedAdapter(DeltaAdapter):
         """The parameter ``key`` (``"lora_A"``, ``"lava_P.0"``, …): the full, stored factor."""
         return factor_parameter(self, key)
 
+    def stored_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """``(up, [down, P_1, …], scale)`` as stored: the plain method's :meth:`effective_factors`,
+        before this method's change (truncation, masks, quantization)."""
+        return self.plain_class.effective_factors(self)
+
 
 def register_factorized(name: str, config_cls: type[FactorizedConfig], adapter_cls: type[FactorizedAdapter],
                         lora: type[FactorizedAdapter], lava: type[FactorizedAdapter]) -> None:
@@ -219,22 +224,6 @@ def shared_per_config(config: AdapterConfig, cls: type[T], *args: Any) -> T:
         held = ((cls, args), cls(*args))
         config.__dict__["_shared_runtime"] = held
     return held[1]
-
-
-def sampler_clocks(model: nn.Module) -> dict[str, int]:
-    """``{adapter name: the step its next training forward draws at}`` for adapters with a shared
-    sampler (DyLoRA, MoSA): :meth:`~lava_peft.AdaptedModel.sampler_state` of an adapted model, ``{}``
-    for any other module (what a training checkpoint keeps so that a resumed run draws exactly the
-    ranks/modules the uninterrupted run would)."""
-    state = getattr(model, "sampler_state", None)
-    return state() if callable(state) else {}
-
-
-def set_sampler_clocks(model: nn.Module, clocks: dict[str, int]) -> None:
-    """Restore :func:`sampler_clocks` (adapters not in ``clocks`` are left alone)."""
-    load = getattr(model, "load_sampler_state", None)
-    if callable(load):
-        load(clocks)
 
 
 def in_backward() -> bool:

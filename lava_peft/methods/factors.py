@@ -99,9 +99,12 @@ class FactorCodec:
     #: or ``"down"`` (``U`` orthonormal).
     svd_singular_values = "up"
 
-    def read(self, adapter, scaled: bool = True) -> Factors:  # pragma: no cover - abstract
-        """The factors; ``scaled=True`` folds the adapter's scale into ``up``, ``False`` gives the raw tensors."""
-        raise NotImplementedError
+    def read(self, adapter, scaled: bool = True) -> Factors:
+        """The factors; ``scaled=True`` folds the adapter's scale into ``up``, ``False`` gives the raw tensors.
+
+        By default the adapter's own factor view, :meth:`~.base.DeltaAdapter.effective_factors`."""
+        up, modes, scale = adapter.effective_factors()
+        return Factors(up * scale if scaled else up, list(modes))
 
     def write(self, adapter, factors: Factors) -> None:  # pragma: no cover - abstract
         """Copy ``factors`` (native form, rank = adapter's rank) into the adapter in place."""

@@ -43,6 +43,7 @@ from ..errors import LavaConfigError
 from .base import DeltaAdapter, LayerSpec, lowrank_factors, lowrank_forward
 from .factors import FactorCodec, Factors, register_factor_codec
 from .cp_conv import choose_conv_path, cp_conv_separable
+from .dora import WeightDecomposed
 
 
 @dataclass
@@ -71,6 +72,7 @@ class LavaConfig(AdapterConfig):
     init: str = "orthogonal"
     spatial_init: str = "gaussian"
     conv_path: str = "auto"
+    use_dora: bool = False  # DoRA on LAVA (conv: weight-decomposed CP); lava_peft/methods/dora.py
 
     def __post_init__(self) -> None:
         if self.orth_factors is None:
@@ -82,6 +84,8 @@ class LavaConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.use_dora, bool):
+            raise LavaConfigError(f"use_dora must be True or False; got {self.use_dora!r}")
         if self.orth_lambda < 0:
             raise LavaConfigError(f"orth_lambda must be >= 0; got {self.orth_lambda}")
         if self.orth_factors not in ("out", "in", "all"):
@@ -160,6 +164,12 @@ class LavaAdapter(DeltaAdapter):
         self._equation = cp_einsum_equation(len(spec.kernel_size)) if spec.kind == "conv" else None
         self.conv_path = getattr(config, "conv_path", "auto")
 
+    @classmethod
+    def for_layer(cls, spec: LayerSpec, config, module_name: str) -> "LavaAdapter":
+        if getattr(config, "use_dora", False) and cls is LavaAdapter:
+            return DoraLavaAdapter(spec, config, module_name)
+        return cls(spec, config, module_name)
+
     @staticmethod
     def max_rank_for(spec: LayerSpec) -> int:
         """Linear: min(O, I). Conv: the generic CP-rank bound ``Π dims / max dim``."""
@@ -178,16 +188,26 @@ class LavaAdapter(DeltaAdapter):
                 f"{spec.canonical_shape}; lower r or set rank_pattern={{'{module_name}': {limit}}}"
             )
 
-    def delta_weight(self) -> torch.Tensor:
+    def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """``(U, [V, P_1, …, P_N], s)``: the stored factors (variants override this, see :class:`DeltaAdapter`)."""
+        return self.lava_U, [self.lava_V, *self.lava_P], self.scale
+
+    def delta_from_factors(self, up: torch.Tensor, modes: list[torch.Tensor], scale: float) -> torch.Tensor:
+        """``ΔW`` of factors ``U (O, b)``, ``[V (b, I), P_k (b, K_k)]`` (the LoRA form on matrices, CP on convs)."""
+        down, spatial_modes = modes[0], modes[1:]
         if self._equation is None:
-            return (self.lava_U @ self.lava_V) * self.scale
+            return (up @ down) * scale
         # CP sum as one GEMM: (s·U) @ [V ⊙ (P1 ⊗ … ⊗ PN)] -- equal to einsum(self._equation, ...)
         # but ~80x faster on CPU than torch.einsum's left-to-right broadcast contraction.
-        spatial = self.lava_P[0]
-        for p in list(self.lava_P)[1:]:
-            spatial = (spatial[:, :, None] * p[:, None, :]).reshape(self.r, -1)
-        vk = (self.lava_V[:, :, None] * spatial[:, None, :]).reshape(self.r, -1)
-        return ((self.lava_U * self.scale) @ vk).view(self.spec.canonical_shape)
+        b = down.shape[0]
+        spatial = spatial_modes[0]
+        for p in spatial_modes[1:]:
+            spatial = (spatial[:, :, None] * p[:, None, :]).reshape(b, -1)
+        vk = (down[:, :, None] * spatial[:, None, :]).reshape(b, -1)
+        return ((up * scale) @ vk).view(self.spec.canonical_shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.delta_from_factors(*self.effective_factors())
 
     # -- conv execution path -------------------------------------------------------
     def _dropout_active(self) -> bool:
@@ -211,24 +231,31 @@ class LavaAdapter(DeltaAdapter):
         return self.conv_path_for(x, layer) == "weight"
 
     def linear_factors(self):
-        return lowrank_factors(self, self.lava_V, self.lava_U)
+        return lowrank_factors(self)
 
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":
             if self.conv_path == "weight" and not self._dropout_active():
                 return super().forward(x, base_out, layer)  # weight path asked for but run separately
             x_in = self.dropout(x) if self._dropout_active() else x
-            return cp_conv_separable(x_in, self.lava_U, self.lava_V, list(self.lava_P), self.scale,
+            up, modes, scale = self.effective_factors()
+            return cp_conv_separable(x_in, up, modes[0], list(modes[1:]), scale,
                                      layer.base_layer, base_out.dtype, base_out)
-        return lowrank_forward(x, self.lava_V, self.lava_U, self.scale, self, base_out.dtype, base_out)
+        up, modes, scale = self.effective_factors()
+        return lowrank_forward(x, modes[0], up, scale, self, base_out.dtype, base_out)
+
+    def orthogonality_terms(self, up: torch.Tensor, modes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The factors among ``up``, ``modes = [V, P_1, …]`` that ``orth_factors`` names, each as ``(d, r)``."""
+        if self.orth_factors == "out":
+            return [up]
+        if self.orth_factors == "in":
+            return [modes[0].T]
+        return [up, *(m.T for m in modes)]
 
     def regularized_factors(self) -> list[torch.Tensor]:
-        """The factors the orthogonality term acts on, each as ``(d, r)`` (columns = components)."""
-        if self.orth_factors == "out":
-            return [self.lava_U]
-        if self.orth_factors == "in":
-            return [self.lava_V.T]
-        return [self.lava_U, self.lava_V.T, *(p.T for p in self.lava_P)]
+        """The factors the orthogonality term acts on, each as ``(d, r)`` (columns = components): the
+        stored ones (a variant whose factors differ in value overrides this)."""
+        return self.orthogonality_terms(self.lava_U, [self.lava_V, *self.lava_P])
 
     def regularization(self) -> torch.Tensor:
         return sum(orth_penalty(f) for f in self.regularized_factors())
@@ -243,16 +270,22 @@ class LavaAdapter(DeltaAdapter):
         return self.regularized_factors()
 
 
+class DoraLavaAdapter(WeightDecomposed, LavaAdapter):
+    """LAVA with DoRA's magnitude (``use_dora=True``); on a conv the direction is ``W0 + CP sum`` and the
+    increment runs through the separable chain (``ΔW`` never built).  Maths: :mod:`lava_peft.methods.dora`."""
+
+    def __init__(self, spec: LayerSpec, config: LavaConfig, module_name: str):
+        super().__init__(spec, config, module_name)
+        self.init_dora()
+
+    def conv_increment(self, x, layer, dtype):
+        return cp_conv_separable(x, self.lava_U, self.lava_V, list(self.lava_P), self.scale, layer.base_layer, dtype)
+
+
 class LavaCodec(FactorCodec):
     """LAVA's factor view: ``U``, ``V`` (and the CP modes ``P_k`` on convs)."""
 
     svd_singular_values = "down"
-
-    def read(self, adapter, scaled: bool = True) -> Factors:
-        modes = [adapter.lava_V]
-        if adapter.spec.kind == "conv":
-            modes += list(adapter.lava_P)
-        return Factors(adapter.lava_U * adapter.scale if scaled else adapter.lava_U, modes)
 
     def write(self, adapter, factors: Factors) -> None:
         adapter.lava_U.copy_(factors.up / adapter.scale)

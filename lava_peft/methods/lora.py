@@ -20,6 +20,7 @@ from ..errors import LavaConfigError
 from .base import LayerSpec
 from .factors import FactorCodec, Factors, register_factor_codec
 from .base import DeltaAdapter, lowrank_factors, lowrank_forward
+from .dora import WeightDecomposed
 
 
 @dataclass
@@ -29,9 +30,12 @@ class LoraConfig(AdapterConfig):
     cli_help: ClassVar[str | None] = "LoRA (flattened kernels on convs)"
 
     init: str = "default"
+    use_dora: bool = False  # DoRA (weight-decomposed): lava_peft/methods/dora.py
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.use_dora, bool):
+            raise LavaConfigError(f"use_dora must be True or False; got {self.use_dora!r}")
         if self.init not in ("default", "gaussian"):
             raise LavaConfigError(f"LoraConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
 
@@ -51,6 +55,12 @@ class LoraAdapter(DeltaAdapter):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
+    def for_layer(cls, spec: LayerSpec, config, module_name: str) -> "LoraAdapter":
+        if getattr(config, "use_dora", False) and cls is LoraAdapter:
+            return DoraLoraAdapter(spec, config, module_name)
+        return cls(spec, config, module_name)
+
+    @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
         r = config.rank_for(module_name)
         limit = min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
@@ -60,25 +70,39 @@ class LoraAdapter(DeltaAdapter):
                 f"{spec.canonical_shape}; lower r or set rank_pattern={{'{module_name}': {limit}}}"
             )
 
+    def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """``(B, [A], s)``: the stored factors (variants override this, see :class:`DeltaAdapter`)."""
+        return self.lora_B, [self.lora_A], self.scale
+
+    def delta_from_factors(self, up: torch.Tensor, modes: list[torch.Tensor], scale: float) -> torch.Tensor:
+        """``ΔW = s·up·down`` in the canonical layout (the flattened kernel reshaped on convs)."""
+        return (up @ modes[0]).view(self.spec.canonical_shape) * scale
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A).view(self.spec.canonical_shape) * self.scale
+        return self.delta_from_factors(*self.effective_factors())
 
     def linear_factors(self):
-        return lowrank_factors(self, self.lora_A, self.lora_B)
+        return lowrank_factors(self)
 
     def forward(self, x, base_out, layer):
         if self.spec.kind == "conv":
             return super().forward(x, base_out, layer)
-        return lowrank_forward(x, self.lora_A, self.lora_B, self.scale, self, base_out.dtype, base_out)
+        up, modes, scale = self.effective_factors()
+        return lowrank_forward(x, modes[0], up, scale, self, base_out.dtype, base_out)
+
+
+class DoraLoraAdapter(WeightDecomposed, LoraAdapter):
+    """LoRA with DoRA's magnitude (``use_dora=True``); the maths is in :mod:`lava_peft.methods.dora`."""
+
+    def __init__(self, spec: LayerSpec, config: LoraConfig, module_name: str):
+        super().__init__(spec, config, module_name)
+        self.init_dora()
 
 
 class LoraCodec(FactorCodec):
     """LoRA's factor view: ``ΔW = s·B·A`` (flattened kernel on convs)."""
 
     svd_singular_values = "up"
-
-    def read(self, adapter, scaled: bool = True) -> Factors:
-        return Factors(adapter.lora_B * adapter.scale if scaled else adapter.lora_B, [adapter.lora_A])
 
     def write(self, adapter, factors: Factors) -> None:
         adapter.lora_B.copy_(factors.up / adapter.scale)

@@ -10,9 +10,9 @@ quantized factors::
 
 ``quantize`` picks the factors: ``"all"``, ``"up"`` (``B`` / ``U``) or ``"down"`` (``A`` /
 ``V``); LAVA's spatial factors ``P`` are quantized with ``"all"`` only.  The adapters
-subclass :class:`~.lora.LoraAdapter` / :class:`~.lava.LavaAdapter` and only change what
-reading a factor attribute (``self.lora_A`` …) returns: the parameter holds the fp32
-*latent* ``w`` and the attribute gives ``Q_k(w)``.  So every inherited path — the fused
+subclass :class:`~.lora.LoraAdapter` / :class:`~.lava.LavaAdapter` and implement one hook,
+:meth:`~LowBitAdapter.effective_factors`: the parameters (``lora_A`` …) hold the fp32
+*latent* ``w`` and the hook gives ``Q_k(w)``.  So every inherited path — the fused
 Linear node (``linear_factors()``), the separable CP conv, ``delta_weight()``, merging,
 the orthogonality term (on the quantized factors) — runs on the quantized factors.
 
@@ -109,18 +109,6 @@ class LowBitConfig(FactorizedConfig):
     factor_config = FactorizedConfig.plain_config  # the LoRA / LAVA config of the underlying (unquantized) method
 
 
-def _factor(name: str, doc: str) -> property:
-    """Class attribute ``name``: the effective (quantized) factor; the raw parameter during ``__init__``."""
-
-    def get(self):
-        param = self.__dict__["_parameters"].get(name)
-        if param is None:
-            raise AttributeError(name)  # not registered yet (nn.Module.register_parameter asks)
-        return self._effective(name, param)
-
-    return property(get, doc=doc)
-
-
 class LowBitAdapter(FactorizedAdapter):
     """Registered adapter class; constructs a :class:`LowBitLoraAdapter` or :class:`LowBitLavaAdapter`."""
 
@@ -148,9 +136,15 @@ class LowBitAdapter(FactorizedAdapter):
         """Whether factor ``key`` was loaded from codes alone (its value is fixed to them)."""
         return f"{self._slot(key)}_qcodes" in self._buffers
 
+    def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """``(Q(up), [Q(down), Q(P_1), …], s)``: the quantized factors fake-quantized (the dequantized
+        codes when frozen), the others as stored.  Every inherited LoRA / LAVA path runs on these."""
+        up, *modes = (self._effective(key, self.latent_factor(key)) for key in self.factor_keys())
+        return up, modes, self.scale
+
     def _effective(self, key: str, param: torch.Tensor) -> torch.Tensor:
         """``Q_k(latent)`` for a quantized factor (the dequantized codes when frozen); else the parameter."""
-        if key not in self.__dict__.get("quantized_keys", ()):
+        if key not in self.quantized_keys:
             return param
         if not self.is_frozen(key):
             return fake_quantize(param, self.bits)
@@ -257,26 +251,14 @@ class LowBitAdapter(FactorizedAdapter):
 class LowBitLoraAdapter(LowBitAdapter, LoraAdapter):
     """LoRA with quantized factors: ``ΔW = s·Q(B)·Q(A)`` (``A`` = down, ``B`` = up)."""
 
-    lora_A = _factor("lora_A", "LoRA down factor (r, I·ΠK) as used: fake-quantized if quantized.")
-    lora_B = _factor("lora_B", "LoRA up factor (O, r) as used: fake-quantized if quantized.")
-
 
 class LowBitLavaAdapter(LowBitAdapter, LavaAdapter):
     """LAVA with quantized factors (CP on conv kernels; ``U`` = up, ``V`` = down, ``P`` spatial)."""
 
-    lava_U = _factor("lava_U", "LAVA output factor (O, r) as used: fake-quantized if quantized.")
-    lava_V = _factor("lava_V", "LAVA input factor (r, I) as used: fake-quantized if quantized.")
-
-    @property
-    def lava_P(self):
-        """The spatial factors as used: the ``ParameterList`` itself when none is quantized,
-        else a list of the fake-quantized ``(r, K_k)`` factors."""
-        modes = self.__dict__["_modules"].get("lava_P")
-        if modes is None:
-            raise AttributeError("lava_P")
-        if not any(k.startswith("lava_P.") for k in self.__dict__.get("quantized_keys", ())):
-            return modes
-        return [self._effective(f"lava_P.{i}", p) for i, p in enumerate(modes)]
+    def regularized_factors(self) -> list[torch.Tensor]:
+        """The orthogonality term acts on the quantized factors (gradient by the straight-through estimator)."""
+        up, modes, _ = self.effective_factors()
+        return self.orthogonality_terms(up, modes)
 
 
 register_factorized("lowbit", LowBitConfig, LowBitAdapter, lora=LowBitLoraAdapter, lava=LowBitLavaAdapter)

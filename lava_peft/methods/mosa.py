@@ -83,7 +83,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import LavaConfigError
-from .base import LayerSpec, _dropout_active, lowrank_forward
+from .base import LayerSpec
 from .cp_conv import cp_conv_separable
 from .factors import Factors
 from .factorized import (FACTORIZATIONS, FactorizedAdapter, FactorizedConfig, StepCounter,  # noqa: F401
@@ -310,21 +310,22 @@ class MosaAdapter(FactorizedAdapter):
         """In training the module's increment runs on the factored path (``delta_weight()`` stays the merged one)."""
         return False if self.training else super().uses_weight_path_for(x, layer)
 
-    def linear_factors(self):
+    def effective_factors(self):
+        """In training the module of this call (drawn now): its masked factors at ``c·s``; else the stored ones."""
         if not self.training:
-            return super().linear_factors()
-        if self.spec.kind != "linear" or _dropout_active(self):
-            return None  # no draw: forward() will draw
+            return super().effective_factors()
         up, modes = self.module_factors(self._enter())
-        return modes[0], up, self.train_scale
+        return up, modes, self.train_scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged increment (every module), in training too."""
+        return self.delta_from_factors(*self.stored_factors())
 
     def forward(self, x, base_out, layer):
-        if not self.training:
-            return super().forward(x, base_out, layer)
-        up, modes = self.module_factors(self._enter())
-        if self.spec.kind == "conv":
-            return self._train_conv(x, base_out, layer, up, modes)
-        return lowrank_forward(x, modes[0], up, self.train_scale, self, base_out.dtype, base_out)
+        if not self.training or self.spec.kind != "conv":
+            return super().forward(x, base_out, layer)  # linear / embedding: on effective_factors()
+        up, modes, _ = self.effective_factors()
+        return self._train_conv(x, base_out, layer, up, modes)
 
     def _train_conv(self, x, base_out, layer, up, modes):
         """``base_out + conv(dropout(x); ΔW_train^k)`` (no bias)."""

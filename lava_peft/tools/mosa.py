@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LavaConfigError, LavaError
-from ..inject import adapted_layers
 from ..methods.lava import LavaConfig
 from ..methods.lora import LoraConfig
 from ..methods.mosa import ModuleSampler, MosaConfig, _check_module
@@ -68,11 +67,7 @@ def merge_modules(model, adapter_name: str | None = None) -> LoraConfig | LavaCo
             adapter.to(device=old.factor(old._UP).device)
             adapter.train(old.training)
             new[path] = adapter
-    for path, layer in adapted_layers(model.model):
-        if path in new:
-            layer.adapters[name] = new[path]
-    model.peft_config[name] = plain
-    model._apply_active(model.active_adapters)  # requires_grad by name, as for any adapter
+    model.replace_adapter(name, plain, new)  # requires_grad by name, as for any adapter
     return plain
 
 

@@ -13,9 +13,9 @@ Adapter files never contain pickles; only ``optimizer.pt`` uses torch's format.
 
 Crash safety: a checkpoint is written into ``step-N.tmp/``, every file and folder in it is
 fsync'd, and it is renamed to ``step-N/`` in one step; resume takes only complete ``step-N``
-folders and warns about ``*.tmp`` leftovers.  ``adapter/`` and ``best/`` are written with
-:func:`lava_peft.io.atomic_directory` (the previous complete version stays loadable) and read
-back with :func:`lava_peft.io.read_adapter_files` (sha256-verified).
+folders and warns about ``*.tmp`` leftovers.  ``adapter/`` and ``best/`` are written and read
+by :mod:`lava_peft.adapter_files` (one unit each: the previous complete version stays loadable;
+read back sha256-verified).
 """
 
 from __future__ import annotations
@@ -33,26 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..adapter_files import FULL_WEIGHTS_NAME, read_adapter_dir, read_weights_dir, write_weights_dir  # noqa: F401 (FULL_WEIGHTS_NAME: re-exported)
 from ..errors import LavaError
-from ..methods.factorized import sampler_clocks, set_sampler_clocks
-from ..io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_directory,
-    atomic_save_safetensors,
-    atomic_write_json,
-    fsync_dir,
-    fsync_tree,
-    json_from_bytes,
-    read_adapter_files,
-    tensors_from_bytes,
-)
+from ..io import atomic_write_json, fsync_dir, fsync_tree
 from ..model import AdaptedModel
 
 RUN_MARKER = "run.json"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
-FULL_WEIGHTS_NAME = "model.safetensors"
 RUN_OUTPUTS = (RUN_MARKER, METRICS_NAME, SUMMARY_NAME, "metrics.png", "adapter", "best", "checkpoints")
 
 
@@ -69,23 +57,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- weights
 def save_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Adapter files (AdaptedModel) or the trainable tensors of a plain model (safetensors),
-    switched in as one unit (:func:`lava_peft.io.atomic_directory`)."""
+    """Adapter files (AdaptedModel: ``save_pretrained``) or the trainable tensors of a plain model
+    (``model.safetensors``), each written as one unit by :mod:`lava_peft.adapter_files`."""
     model = unwrap(model)
-    with atomic_directory(directory) as staging:
-        if isinstance(model, AdaptedModel):
-            model.save_pretrained(str(staging), adapter_name=model.active_adapter)
-        else:
-            tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            atomic_save_safetensors(tensors, staging / FULL_WEIGHTS_NAME, {"format": "pt", "library": "lava-peft"})
-
-
-def _read_saved(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
-    files = read_adapter_files(directory, names).files
-    missing = [n for n in names if n not in files]
-    if missing:
-        raise LavaError(f"checkpoint {directory} has no {', '.join(missing)}; it is incomplete. Resume from another one")
-    return files
+    if isinstance(model, AdaptedModel):
+        model.save_pretrained(str(directory), adapter_name=model.active_adapter)
+    else:
+        write_weights_dir(directory, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
 
 
 @torch.no_grad()
@@ -95,21 +73,20 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     if isinstance(model, AdaptedModel):
         name = model.active_adapter
-        files = _read_saved(directory, (CONFIG_NAME, WEIGHTS_NAME))
-        saved = json_from_bytes(files[CONFIG_NAME], directory / CONFIG_NAME)
+        files = read_adapter_dir(directory, parse_config=False, load_tensors=False)
+        saved = files.payload
         if saved.get("config") != model.peft_config[name].to_dict():
             raise LavaError(
                 f"the checkpoint in {directory} was written for another adapter config "
                 f"({saved.get('method')}: {saved.get('config')}); resume with the config it was trained with"
             )
-        tensors = tensors_from_bytes(files[WEIGHTS_NAME], directory / WEIGHTS_NAME)
+        tensors = files.read_tensors()
         if saved.get("layout") == "peft":  # HF PEFT's key layout: the model maps and checks the keys itself
             model.load_adapter_file_tensors(name, tensors)
             return
         state = model.adapter_state_dict(name)
     else:
-        files = _read_saved(directory, (FULL_WEIGHTS_NAME,))
-        tensors = tensors_from_bytes(files[FULL_WEIGHTS_NAME], directory / FULL_WEIGHTS_NAME)
+        tensors = read_weights_dir(directory)
         state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(state):
         missing, extra = sorted(set(state) - set(tensors))[:3], sorted(set(tensors) - set(state))[:3]
@@ -125,6 +102,18 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
         return
     for key, dst in state.items():
         dst.copy_(tensors[key])
+
+
+def sampler_state(model: nn.Module) -> dict[str, int]:
+    """The DyLoRA / MoSA sampler clocks of an adapted model (:meth:`AdaptedModel.sampler_state`); ``{}`` otherwise."""
+    model = unwrap(model)
+    return model.sampler_state() if isinstance(model, AdaptedModel) else {}
+
+
+def load_sampler_state(model: nn.Module, state: dict[str, int]) -> None:
+    model = unwrap(model)
+    if isinstance(model, AdaptedModel):
+        model.load_sampler_state(state)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -223,7 +212,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, r
         save_trainable(model, tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         payload = dict(state, scheduler=scheduler.state_dict(), rng=py_rng, world_size=world,
-                       sampler_clocks=sampler_clocks(unwrap(model)))
+                       sampler_clocks=sampler_state(model))
         atomic_write_json(tmp / "trainer_state.json", _jsonable(payload))
     dist.barrier()
     if is_main:
@@ -249,7 +238,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int) -> 
     if not rng_file.is_file():
         rng_file = directory / "rng_state_rank0.safetensors"
     set_rng_state(state["rng"], load_file(str(rng_file)))
-    set_sampler_clocks(unwrap(model), state.get("sampler_clocks", {}))  # DyLoRA / MoSA draw sequences
+    load_sampler_state(model, state.get("sampler_clocks", {}))  # DyLoRA / MoSA draw sequences
     return state
 
 

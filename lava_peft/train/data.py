@@ -79,7 +79,11 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if keep >= mask.shape[1]:
         return batch
     seq = mask.shape[1]
-    return {k: (v[:, :keep] if v.dim() == 2 and v.shape[1] == seq and k != "labels" else v) for k, v in batch.items()}
+    out = {k: (v[:, :keep] if v.dim() == 2 and v.shape[1] == seq and k != "labels" else v) for k, v in batch.items()}
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2 and labels.shape[1] == seq and bool((labels[:, keep:] == -100).all()):
+        out["labels"] = labels[:, :keep]  # token labels (causal LM): the cut columns are all ignored (-100)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int, lengths: torch.Tensor | None = None, global_batch: int = 1,

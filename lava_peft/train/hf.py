@@ -46,7 +46,9 @@ class LavaLossMixin:
     """Adds the adapters' regularization to ``compute_loss``; saves/loads adapter files only."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # outputs only when asked: TRL's SFTTrainer otherwise runs a second forward pass to build logits
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
         adapted = find_adapted_model(model)
         if adapted is not None and model.training:
             reg = adapted.regularization_loss()

@@ -71,6 +71,7 @@ def model_kind(model: str) -> tuple[str, str]:
         return "vision", model
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
+        check_hf_weights(path)
         return "text", "hf"
     if path.is_dir() and (path / MERGED_VISION_INFO).is_file():
         return "vision", "merged"
@@ -80,6 +81,30 @@ def model_kind(model: str) -> tuple[str, str]:
     raise LavaConfigError(
         f"model {model!r} is neither a known model name {list(TEXT_MODELS + VISION_MODELS)} nor an existing "
         "directory; give one of those names or the path of a Hugging Face model directory"
+    )
+
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_hf_weights(path: Path) -> None:
+    """A Hugging Face model directory must hold safetensors weights: pickled ones (``pytorch_model.bin``,
+    ``*.pt`` …) are never loaded (unpickling can run code), and a directory without weights is refused
+    with what to do, before anything is loaded."""
+    if any((path / name).is_file() for name in SAFE_WEIGHTS):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise LavaConfigError(
+            f"model directory {str(path)!r} holds only pickled weights ({', '.join(pickled[:3])}); lava-peft never "
+            "loads pickles, which can run code. If you trust the file, convert it once to safetensors: "
+            f"python -c \"import transformers as t; m = t.AutoModel.from_pretrained({str(path)!r}); "
+            f"m.save_pretrained({str(path)!r}, safe_serialization=True)\""
+        )
+    raise LavaConfigError(
+        f"model directory {str(path)!r} has a config.json but no weights ({' or '.join(SAFE_WEIGHTS)}); "
+        "copy the model's safetensors weights into it, or give a complete Hugging Face model directory"
     )
 
 
@@ -106,7 +131,10 @@ def load_text_model(model: str, num_labels: int, dropout: float | None = None):
     transformers.utils.logging.disable_progress_bar()
     try:
         extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+        # a directory whose saved head has another class count gets a new head of the right size;
+        # safetensors only: a pickled pytorch_model.bin is never unpickled (check_hf_weights says how to convert)
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True,
+                                                                 ignore_mismatched_sizes=True, **extra)
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
