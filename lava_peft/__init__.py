@@ -25,6 +25,21 @@ from .methods.bottleneck import AdaptFormerConfig, HoulsbyConfig, PfeifferConfig
 from .combine import COMBINATION_TYPES, CombinationReport, FactorCodec, register_factor_codec
 from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .interop import export_peft, import_peft
+from .config import TaskType
+from .peft_api import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    PeftConfig,
+    PeftModel,
+    get_layer_status,
+    get_model_status,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from . import diagnostics
 
 __all__ = [
@@ -67,6 +82,20 @@ __all__ = [
     "import_peft",
     "prepare_model_for_compiled_hotswap",
     "register_factor_codec",
+    # HF PEFT's names (issue 12, lava_peft/peft_api.py)
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "PeftConfig",
+    "PeftModel",
+    "TaskType",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
 ]
 
 

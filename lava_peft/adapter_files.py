@@ -1,10 +1,19 @@
 """The adapter directory on disk: the one reader and the one writer.
 
 A lava-peft adapter directory holds ``adapter_config.json`` (the payload: library and format
-versions, ``method``, ``config``, ``base_model_fingerprint``) and ``adapter_model.safetensors``
-(per adapted module ``<module path>.<tensor>``; ``modules_to_save`` copies as
-``<module path>.__saved__.<tensor>``).  HF PEFT directories use the same two file names with
-PEFT's own content.  Every part of the library that reads or writes such a directory —
+versions, ``method``, ``config``, ``base_model_fingerprint``, ``layout``) and
+``adapter_model.safetensors`` in one of two layouts:
+
+* ``"lava-peft"`` (every format-1 file; methods PEFT cannot represent): per adapted module
+  ``<module path>.<tensor>``, ``modules_to_save`` copies as ``<module path>.__saved__.<tensor>``;
+* ``"peft"`` (format 2, adapters PEFT computes identically: LoRA, LAVA on Linear/Embedding): HF PEFT
+  LoRA's own keys (``base_model.model.<path>.lora_A.weight`` ...) and, next to our fields, PEFT's
+  config fields, so ``peft.PeftModel.from_pretrained`` and transformers' ``load_adapter`` read the
+  folder as it is; ``peft_keys`` names our tensor behind PEFT's ``lora_A``/``lora_B``.
+
+Reading a lava-peft folder always gives tensors in the ``"lava-peft"`` key layout
+(:meth:`AdapterDirectory.read_tensors`), whatever the file holds.  HF PEFT directories use the
+same two file names with PEFT's own content.  Every part of the library that reads or writes such a directory —
 ``save_pretrained`` / ``load_adapter`` / ``from_pretrained``, hot-swap, ``import_peft`` /
 ``export_peft``, `lava inspect` — goes through :func:`read_adapter_dir` /
 :func:`write_adapter_dir`; the atomic writes and safe reads themselves are :mod:`lava_peft.io`'s.
@@ -19,8 +28,10 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .config import FORMAT_VERSION, AdapterConfig, config_from_payload
+from .config import FORMAT_VERSION, AdapterConfig
+from .config_payload import config_from_payload
 from .errors import AdapterFileError
+from .peft_common import LORA_KEY, PREFIX, lora_factor_role
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -72,13 +83,18 @@ class AdapterDirectory:
         return self.directory / WEIGHTS_NAME
 
     def read_tensors(self, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
-        """The validated tensors of the weights file (floating and finite, see :mod:`lava_peft.io`)."""
+        """The validated tensors of the weights file (floating and finite, see :mod:`lava_peft.io`); for a
+        lava-peft folder (``config`` parsed) keyed in the ``"lava-peft"`` layout whatever the file's layout."""
         if self.tensors is None:
             if self.weights_bytes is None:
                 raise AdapterFileError(
                     f"no adapter weights at {self.weights_path}; expected {WEIGHTS_NAME} next to {CONFIG_NAME}"
                 )
-            self.tensors = tensors_from_bytes(self.weights_bytes, self.weights_path, allow_nonfinite=allow_nonfinite)
+            tensors = tensors_from_bytes(self.weights_bytes, self.weights_path, allow_nonfinite=allow_nonfinite)
+            if self.config is not None and tensor_layout(self.payload, self.config_path) == LAYOUT_PEFT:
+                tensors = {lava_key(k, self.payload, self.weights_path): v.reshape(v.shape[0], -1)
+                           if LORA_KEY.fullmatch(k[len(PREFIX):]) else v for k, v in tensors.items()}
+            self.tensors = tensors
         return self.tensors
 
 
@@ -132,16 +148,57 @@ def read_tensor_index(weights_path) -> tuple[dict[str, str], dict[str, tuple[lis
     return metadata, index
 
 
-def adapter_payload(config: AdapterConfig, fingerprint: dict) -> dict:
-    """The ``adapter_config.json`` content of a lava-peft adapter."""
-    return {
+def adapter_payload(config: AdapterConfig, fingerprint: dict, peft_fields: dict | None = None,
+                    peft_keys: dict[str, str] | None = None) -> dict:
+    """The ``adapter_config.json`` content of a lava-peft adapter: ours only (``"lava-peft"`` layout), or PEFT's
+    config fields ``peft_fields`` plus ours (``"peft"`` layout, ``peft_keys``: PEFT tensor name -> ours)."""
+    ours = {
         "library": "lava-peft",
         "library_version": __version__,
         "format_version": FORMAT_VERSION,
         "method": config.method,
         "config": config.to_dict(),
         "base_model_fingerprint": fingerprint,
+        "layout": LAYOUT_LAVA if peft_fields is None else LAYOUT_PEFT,
     }
+    if peft_fields is None:
+        return ours
+    return {**peft_fields, **ours, "peft_keys": dict(peft_keys)}
+
+
+LAYOUT_LAVA, LAYOUT_PEFT = "lava-peft", "peft"
+
+
+def tensor_layout(payload: dict, source) -> str:
+    """The key layout of a lava-peft folder's weights (format 1: always ``"lava-peft"``)."""
+    layout = payload.get("layout", LAYOUT_LAVA) if payload.get("format_version", 1) >= 2 else LAYOUT_LAVA
+    if layout not in (LAYOUT_LAVA, LAYOUT_PEFT):
+        raise AdapterFileError(f"{source}: layout must be {LAYOUT_LAVA!r} or {LAYOUT_PEFT!r}; got {layout!r}")
+    if layout == LAYOUT_PEFT:
+        keys = payload.get("peft_keys")
+        if not (isinstance(keys, dict) and set(keys) == {"lora_A", "lora_B"}
+                and all(isinstance(v, str) for v in keys.values())):
+            raise AdapterFileError(f"{source}: a 'peft' layout needs peft_keys {{'lora_A': ..., 'lora_B': ...}}; "
+                                   f"got {keys!r}. The file is corrupt: save the adapter again")
+    return layout
+
+
+def lava_key(file_key: str, payload: dict, source) -> str:
+    """The ``"lava-peft"``-layout key of a key of a ``"peft"``-layout file: ``<path>.<our tensor>`` for a LoRA tensor,
+    :func:`saved_key` for a ``modules_to_save`` tensor (its module from the payload's ``modules_to_save``)."""
+    if not file_key.startswith(PREFIX):
+        raise AdapterFileError(f"{source}: key {file_key!r} does not start with {PREFIX!r} (a 'peft' layout file)")
+    rest = file_key[len(PREFIX):]
+    match = LORA_KEY.fullmatch(rest)
+    if match:
+        path, peft_name = match.groups()
+        ours = payload["peft_keys"]["lora_A" if lora_factor_role(peft_name) == "down" else "lora_B"]
+        return f"{path}.{ours}"
+    owners = [m for m in payload.get("modules_to_save") or [] if isinstance(m, str) and rest.startswith(m + ".")]
+    if not owners:
+        raise AdapterFileError(f"{source}: tensor {file_key!r} is neither a LoRA tensor nor part of a saved module")
+    owner = max(owners, key=len)
+    return saved_key(owner, rest[len(owner) + 1:])
 
 
 def adapter_metadata(config: AdapterConfig) -> dict[str, str]:
@@ -192,6 +249,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "adapter_metadata",
     "adapter_payload",
+    "lava_key",
+    "tensor_layout",
     "read_adapter_dir",
     "read_adapter_tensors",
     "read_tensor_index",

@@ -8,14 +8,11 @@ the library (injection, save/load, the CLI) only ever looks methods up here.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
-import hashlib
 import importlib
-import json
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,8 +23,10 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from .errors import AdapterFileError, AdapterNameError, LavaConfigError
 
-FORMAT_VERSION = 1
-"""Version of the on-disk adapter format (``adapter_config.json`` / safetensors layout)."""
+FORMAT_VERSION = 2
+"""Version of the on-disk adapter format (``adapter_config.json`` / safetensors layout).  2: adapters PEFT can
+represent are written in HF PEFT's key layout with PEFT's config fields (``layout: "peft"``); the
+PEFT-named config fields (task_type, ...) exist; pattern keys follow PEFT's first-match rule."""
 
 _REGISTRY: dict[str, tuple[type["AdapterConfig"], type]] = {}
 
@@ -70,12 +69,15 @@ def method_hook(reference: str):
 def normalize_targets(targets: Any) -> str | list[str] | None:
     """Turn ``target_modules`` into JSON-storable form.
 
-    A layer type (e.g. ``nn.Conv2d``) in a list becomes the string ``"type:Conv2d"``.
+    A layer type (e.g. ``nn.Conv2d``) in a list becomes the string ``"type:Conv2d"``; a set (as
+    PEFT stores it) becomes a sorted list.
     """
     if targets is None or isinstance(targets, str):
         return targets
     if isinstance(targets, type):
         targets = [targets]
+    if isinstance(targets, (set, frozenset)):
+        targets = sorted(targets, key=lambda t: t.__name__ if isinstance(t, type) else str(t))
     out = []
     for t in targets:
         if isinstance(t, type):
@@ -90,9 +92,92 @@ def normalize_targets(targets: Any) -> str | list[str] | None:
     return out
 
 
+
+class TaskType(str, enum.Enum):
+    """HF PEFT's task types (``task_type=``). ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` add the task's
+    head (``classifier``/``score``; ``qa_outputs``) to ``modules_to_save``; the others only label the adapter."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+"""Head modules each task type trains and saves (PEFT's lists); those present in the model join ``modules_to_save``."""
+
+# ---- HF PEFT's config names, accepted as aliases (ours stay canonical: ``to_dict`` writes ours) ----------------
+PEFT_RENAMED_FIELDS: dict[str, str] = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+"""PEFT field -> our field of the same meaning and value."""
+PEFT_CHECKED_FIELDS: dict[str, tuple[tuple, str]] = {
+    "bias": (("none",), "only bias='none' exists here: the base biases stay frozen and no adapter bias is "
+                        "trained; train a bias with modules_to_save=[<its module>] instead"),
+    "fan_in_fan_out": ((True, False), "the weight layout is always read from the layer (GPT-2 Conv1D is "
+                                      "handled), so the value only has to be True or False"),
+}
+"""PEFT fields accepted for compatibility and not stored: ``(accepted values, why)``."""
+PEFT_INIT_FIELD = "init_lora_weights"
+"""PEFT's ``init_lora_weights``: ``True`` keeps the method's default init, a string sets ``init`` (e.g.
+``"gaussian"``; the method's config decides which it knows), ``False`` is refused (PEFT's debugging init with
+a non-zero increment at the start)."""
+
+
+def resolve_peft_names(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with HF PEFT's field names turned into ours (:data:`PEFT_RENAMED_FIELDS`,
+    :data:`PEFT_CHECKED_FIELDS`, :data:`PEFT_INIT_FIELD`); raises :class:`LavaConfigError` for a value
+    that has no meaning here, or for both names of one field."""
+    out = dict(kwargs)
+    for peft_name, ours in PEFT_RENAMED_FIELDS.items():
+        if peft_name in out:
+            if ours in out:
+                raise LavaConfigError(f"{cls.__name__}: pass {ours}= or its PEFT name {peft_name}=, not both")
+            out[ours] = out.pop(peft_name)
+    for peft_name, (accepted, why) in PEFT_CHECKED_FIELDS.items():
+        if peft_name in out:
+            value = out.pop(peft_name)
+            value = getattr(value, "value", value)  # enum members (PeftType.LORA)
+            if value not in accepted or isinstance(value, bool) != isinstance(accepted[0], bool):
+                raise LavaConfigError(f"{cls.__name__}: {peft_name}={value!r} is not supported; {why}")
+    if PEFT_INIT_FIELD in out:
+        init = out.pop(PEFT_INIT_FIELD)
+        if init is False:
+            raise LavaConfigError(
+                f"{cls.__name__}: init_lora_weights=False (PEFT's random init with a non-zero increment, meant for "
+                "debugging) is not supported; use True (the default) or 'gaussian'"
+            )
+        if isinstance(init, str):
+            if "init" not in {f.name for f in dataclasses.fields(cls)} or "init" in out:
+                raise LavaConfigError(f"{cls.__name__}: init_lora_weights={init!r} is not supported by this method")
+            out["init"] = init
+        elif init is not True:
+            raise LavaConfigError(f"{cls.__name__}: init_lora_weights must be True or a string; got {init!r}")
+    return out
+
+
+class _AcceptsPeftNames(type):
+    """Metaclass of :class:`AdapterConfig`: the constructor accepts PEFT's field names (:func:`resolve_peft_names`)."""
+
+    def __call__(cls, *args, **kwargs):
+        renamed = resolve_peft_names(cls, kwargs)
+        if "init" in renamed and "init" not in kwargs:
+            try:
+                return super().__call__(*args, **renamed)
+            except LavaConfigError as exc:
+                pending = str(renamed["init"]).lower().startswith(("pissa", "olora"))
+                raise LavaConfigError(f"init_lora_weights={renamed['init']!r}: {exc}" + (
+                    " (PiSSA/OLoRA initialisation is not available in this lava-peft yet)" if pending else "")) from None
+        return super().__call__(*args, **renamed)
+
+
 @dataclass
-class AdapterConfig:
-    """Fields shared by every method.
+class AdapterConfig(metaclass=_AcceptsPeftNames):
+    r"""Fields shared by every method.
 
     Args:
         target_modules: which modules to adapt. A list of names or name suffixes
@@ -105,9 +190,24 @@ class AdapterConfig:
             adapter, e.g. a new classification head ``["classifier"]``.
         r: rank (number of rank-1 components).
         alpha: scale numerator; the increment is multiplied by ``alpha / r``.
-        rank_pattern / alpha_pattern: per-module overrides, keyed by name suffix or regex.
+        rank_pattern / alpha_pattern: per-module overrides, HF PEFT's rule: the first key ``k`` (in
+            order) for which ``re.match(rf"(.*\.)?({k})$", module_name)`` holds — a name, a name
+            suffix (``"query"``, ``"layer.0.attention.self.query"``) or a regex matching the end
+            of the name after a dot (``r"layers\.0\..*"``, ``"k_proj|o_proj"``).
         dropout: dropout on the adapter's input (unmerged path only).
         use_rslora: use ``alpha / sqrt(r)`` as the scale.
+        task_type: PEFT's task (:class:`TaskType`); ``SEQ_CLS``/``TOKEN_CLS`` train and save the
+            classification head (``classifier``/``score``; ``QUESTION_ANS``: ``qa_outputs``).
+        inference_mode: the adapter is built frozen (not trainable).
+        base_model_name_or_path: the base model's name or path (filled from ``model.name_or_path``);
+            ``lp.AutoPeftModel*`` loads it.
+        layers_to_transform / layers_pattern: adapt only these layer indices (PEFT's rule: the index is
+            the number after ``<layers_pattern>.`` in the module name, or after the second name
+            component); only with a list ``target_modules``.
+
+    HF PEFT's names are accepted as aliases: ``lora_alpha`` (``alpha``), ``lora_dropout``
+    (``dropout``), ``init_lora_weights`` (``init``), ``bias="none"``, ``fan_in_fan_out`` (read from the
+    layer anyway) — see :data:`PEFT_RENAMED_FIELDS`; ``config.lora_alpha`` reads ``alpha``.
     """
 
     method: ClassVar[str] = "base"
@@ -149,22 +249,47 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     dropout: float = 0.0
     use_rslora: bool = False
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         self.target_modules = normalize_targets(self.target_modules)
         self.exclude_modules = normalize_targets(self.exclude_modules)
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.modules_to_save, (str, set, tuple)):
+            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else sorted(
+                self.modules_to_save)
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
+
+    # PEFT's attribute names, read and written through to ours
+    lora_alpha = property(lambda self: self.alpha, lambda self, v: setattr(self, "alpha", v))
+    lora_dropout = property(lambda self: self.dropout, lambda self, v: setattr(self, "dropout", v))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "AdapterConfig":
+        """The config stored in an adapter directory, ours or a HF PEFT LoRA one (PEFT's
+        ``LoraConfig.from_pretrained``; :func:`lava_peft.peft_api.config_from_pretrained`)."""
+        return method_hook("lava_peft.peft_api:config_from_pretrained")(cls, pretrained_model_name_or_path, **kwargs)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise :class:`LavaConfigError` naming the field to fix."""
-        if self.target_modules is None or self.target_modules == []:
+        """Raise :class:`LavaConfigError` naming the field to fix.
+
+        ``target_modules=None`` is valid: the model's architecture then picks the defaults
+        (:func:`lava_peft.targets.default_target_modules`); an empty list is not."""
+        if self.target_modules == []:
             raise LavaConfigError(
                 f"{type(self).__name__}: target_modules is empty; name the layers to adapt, "
-                'e.g. target_modules=["query", "value"], "all-linear", or [torch.nn.Conv2d]'
+                'e.g. target_modules=["query", "value"], "all-linear", or [torch.nn.Conv2d] (or leave it None '
+                "for the architecture's defaults)"
             )
+        self._validate_peft_fields()
         if isinstance(self.target_modules, str) and self.target_modules not in _KEYWORDS:
             _check_regex("target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):
@@ -186,6 +311,33 @@ class AdapterConfig:
         if not _is_real(self.dropout) or not (0.0 <= self.dropout < 1.0):
             raise LavaConfigError(f"dropout must be in [0, 1); got {self.dropout!r}")
 
+    def _validate_peft_fields(self) -> None:
+        if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
+            raise LavaConfigError(f"task_type must be one of {[t.value for t in TaskType]} or None; got {self.task_type!r}")
+        if not isinstance(self.inference_mode, bool):
+            raise LavaConfigError(f"inference_mode must be True or False; got {self.inference_mode!r}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise LavaConfigError(f"base_model_name_or_path must be a string; got {self.base_model_name_or_path!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            values = [layers] if isinstance(layers, int) else layers
+            if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+                raise LavaConfigError(f"layers_to_transform must be a layer index or a list of them; got {layers!r}")
+        patterns = self.layers_pattern
+        if patterns is not None:
+            values = [patterns] if isinstance(patterns, str) else patterns
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise LavaConfigError(f"layers_pattern must be a name (e.g. 'layers') or a list of names; got {patterns!r}")
+            for v in values:
+                _check_regex("layers_pattern", rf"(?:^|.*?\.){v}\.(?P<idx>\d+)\.")
+        if isinstance(self.target_modules, str) and (layers is not None or patterns is not None):
+            raise LavaConfigError(
+                "layers_to_transform/layers_pattern need target_modules as a list of names (as in PEFT); with a regex "
+                "string, put the layer indices in the regex"
+            )
+        if patterns and layers is None:
+            raise LavaConfigError("layers_pattern needs layers_to_transform (the indices to adapt), as in PEFT")
+
     # ---------------------------------------------------------------- per module
     def rank_for(self, module_name: str) -> int:
         return _pattern_lookup(self.rank_pattern, module_name, self.r)
@@ -204,7 +356,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(PEFT_RENAMED_FIELDS) | set(PEFT_CHECKED_FIELDS)
+        known.add(PEFT_INIT_FIELD)
         unknown = sorted(set(data) - known)
         if unknown:
             raise LavaConfigError(
@@ -352,138 +505,19 @@ def _check_rank(name: str, value: Any) -> None:
         raise LavaConfigError(f"{name} must be a positive integer; got {value!r}")
 
 
+@functools.lru_cache(maxsize=512)
+def pattern_key_regex(key: str) -> re.Pattern:
+    r"""HF PEFT's reading of a ``rank_pattern``/``alpha_pattern`` key: ``(.*\.)?(key)$`` from the name's
+    start (``re.match``); the key itself is checked for backtracking risks like every module-name regex."""
+    _check_regex("pattern key", key)
+    return re.compile(rf"(.*\.)?({key})$")
+
+
 def _pattern_lookup(pattern: dict, module_name: str, default: Any) -> Any:
-    """Per-module override: exact name, then name suffix, then regex full match."""
+    """Per-module override, HF PEFT's rule (``peft.utils.other.get_pattern_key``): the value of the first
+    key, in order, that names the module — equal to it, a ``.``-suffix of it, or PEFT's regex
+    :func:`pattern_key_regex` matches it."""
     for key, value in pattern.items():
-        if module_name == key or module_name.endswith("." + key):
+        if module_name == key or module_name.endswith("." + key) or pattern_key_regex(key).match(module_name):
             return value
-    for key, value in pattern.items():
-        try:
-            if compile_module_pattern("pattern key", key).fullmatch(module_name):
-                return value
-        except LavaConfigError:
-            continue  # validate() refuses these; a key that is only a name is not a regex
     return default
-
-
-FORMAT_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {"lava": {"conv_path": "auto", "factorization": "cp", "use_dora": False},
-        "lora": {"conv_path": "auto", "use_dora": False},  # format-1 LoRA convs: the weight path (same numbers)
-        # MoSA files written before the bottleneck variant: the factor variant, its split of U/B
-        "mosa": {"adapter": "factors", "scale": None, "activation": None, "layer_norm": None, "bias": True,
-                 "mode": None, "dropout_position": "hidden"},
-        "lowbit": {"codebook": "exact"}},
-}
-"""Explicit defaults, per format version and method, for config fields that files of that version
-may lack (fields added after the version was first written).  Any other missing field is an error:
-a file never silently gets today's dataclass default."""
-
-
-def config_from_payload(payload: dict, source: str) -> AdapterConfig:
-    """The config stored in an ``adapter_config.json`` payload, with the format checks a loader needs.
-
-    Checks, each with a message naming the field, the file and the fix: ``format_version`` is
-    an integer this library reads; ``method`` is registered; every config field is present
-    (or has an explicit :data:`FORMAT_DEFAULTS` entry) and has its declared type; then the
-    config's own ``validate`` (rank, alpha finite and > 0, safe regexes, ...).
-    """
-    if not isinstance(payload, dict) or "method" not in payload or "config" not in payload:
-        raise AdapterFileError(
-            f"{source} is not a lava-peft adapter config (no 'method'/'config' keys). "
-            "For a Hugging Face PEFT directory use lava_peft.import_peft(base, dir)."
-        )
-    version = payload.get("format_version")
-    if isinstance(version, str) and version.strip().isdigit():
-        raise AdapterFileError(
-            f"{source}: format_version is the string {version!r}; it must be the integer {int(version)} "
-            f"(write \"format_version\": {int(version)} without quotes)"
-        )
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise AdapterFileError(
-            f"{source}: format_version must be a positive integer (this lava-peft writes {FORMAT_VERSION}); "
-            f"got {version!r}. The file is corrupt or was not written by lava-peft"
-        )
-    if version > FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{source} uses adapter format version {version}, newer than this lava-peft "
-            f"supports ({FORMAT_VERSION}); upgrade with `pip install -U lava-peft`"
-        )
-    if not isinstance(payload["method"], str):
-        raise AdapterFileError(f"{source}: 'method' must be a method name string; got {payload['method']!r}")
-    cls = config_class(payload["method"])
-    if not isinstance(payload["config"], dict):
-        raise AdapterFileError(f"{source}: 'config' must be a JSON object; the file is corrupt")
-    data = dict(payload["config"])
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise AdapterFileError(f"{source}: {cls.__name__} has no field(s) {unknown}; valid fields are {sorted(known)}")
-    defaults = FORMAT_DEFAULTS.get(version, {}).get(cls.method, {})
-    missing = sorted(known - set(data) - set(defaults))
-    if missing:
-        raise AdapterFileError(
-            f"{source}: config field(s) {missing} missing; lava-peft writes every field of {cls.__name__} "
-            f"(format {version}). The file is truncated or was edited: add them back, or save the adapter again"
-        )
-    data = {**{k: v for k, v in defaults.items() if k in known}, **data}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not _has_type(data[f.name], hints.get(f.name, Any)):
-            raise AdapterFileError(
-                f"{source}: config field {f.name!r} must be {_type_name(hints.get(f.name, Any))}; got "
-                f"{data[f.name]!r} ({type(data[f.name]).__name__}). Fix the value in the file or save the adapter again"
-            )
-    _check_fingerprint_digest(payload.get("base_model_fingerprint"), source)
-    try:
-        return cls.from_dict(data)
-    except (LavaConfigError, TypeError) as exc:
-        raise AdapterFileError(f"{source}: {exc}") from None
-
-
-def fingerprint_digest(modules: dict) -> str:
-    """The fingerprint's ``sha256``: first 16 hex digits of sha256(json(modules, sorted keys))."""
-    return hashlib.sha256(json.dumps(modules, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_fingerprint_digest(fp: Any, source: str) -> None:
-    """Refuse a ``base_model_fingerprint`` whose ``sha256`` does not match its ``modules`` (edited by hand)."""
-    if isinstance(fp, dict) and isinstance(fp.get("modules"), dict) and "sha256" in fp:
-        if fp["sha256"] != fingerprint_digest(fp["modules"]):
-            raise AdapterFileError(
-                f"{source}: base_model_fingerprint.sha256 does not match its modules; the config was edited or is "
-                "corrupt. Save the adapter again (or fix the modules / delete the sha256 entry if you edited it)"
-            )
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    """Does a JSON value have the declared type (int, float, str, bool, list[...], dict[...], X | None, Any)?"""
-    if hint is Any:
-        return True
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return _is_real(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, list) and all(_has_type(v, args[0] if args else Any) for v in value)
-    if origin is dict:
-        key_t, value_t = args if args else (Any, Any)
-        return isinstance(value, dict) and all(_has_type(k, key_t) and _has_type(v, value_t) for k, v in value.items())
-    return True  # a type JSON cannot hold: left to the config's validate()
-
-
-def _type_name(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    return str(hint).replace("typing.", "")

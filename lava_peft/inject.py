@@ -20,6 +20,7 @@ from .config import compile_module_pattern
 from .errors import TargetModulesError, UnsupportedLayerError
 from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
 from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, placement_selects
+from .targets import in_selected_layers, names_module_or_parent
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls")
 """Last name components treated as an output head by ``"all-linear"``/``"all"``."""
@@ -90,8 +91,10 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
             hit = name_matches(targets, name, module)
         if not hit or name_matches(config.exclude_modules, name, module, "exclude_modules"):
             continue
-        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in save_names):
-            continue
+        if isinstance(targets, list) and name not in targets and not in_selected_layers(config, name):
+            continue  # layers_to_transform (PEFT: an exact name in the list is kept whatever its layer)
+        if any(names_module_or_parent(s, name) for s in save_names):
+            continue  # never adapt a module saved whole, or one inside it (PEFT's rule)
         if layer_ops(module) is None:
             if isinstance(targets, list) or keyword:
                 raise UnsupportedLayerError(

@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import compile_module_pattern, config_class, method_hook, registered_methods
+from .config import _pattern_lookup, config_class, method_hook, registered_methods
 from .methods.factors import _CODECS
 from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
 from .inject import adapted_layers, saved_module_wrappers
-from .peft_common import PREFIX, base_layer_at  # noqa: F401  (base_layer_at: re-exported)
+from .peft_common import LORA_KEY, PREFIX, base_layer_at, lora_config_fields, lora_tensors  # noqa: F401
 from .adapter_files import WEIGHTS_NAME, read_adapter_dir, write_adapter_dir
 from .layers import ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
 
@@ -107,8 +107,7 @@ def export_peft(
         spec, ops, base = layer.spec, layer.ops, layer.base_layer
         r = factors.rank
         if isinstance(ops, EmbeddingOps):
-            tensors[f"{PREFIX}{path}.lora_embedding_A"] = factors.modes[0]
-            tensors[f"{PREFIX}{path}.lora_embedding_B"] = factors.up
+            tensors.update(lora_tensors(path, ops, spec, factors.up, factors.modes[0]))
         elif isinstance(ops, ConvOps):
             _check_conv_exportable(path, base)
             if (factors.is_cp or factors.is_tucker) and not allow_rank_expansion:
@@ -132,13 +131,10 @@ def export_peft(
                 for g in range(groups):
                     a[g * r:(g + 1) * r, g * spec.in_dim:(g + 1) * spec.in_dim] = down
                 down, r = a, r * groups
-            ones = (1,) * len(spec.kernel_size)
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = down
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = factors.up.reshape(spec.out_dim, -1, *ones)
+            tensors.update(lora_tensors(path, ops, spec, factors.up, down))
         else:
             fan_in_fan_out = fan_in_fan_out or isinstance(ops, GPT2Conv1DOps)
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = factors.modes[0]
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = factors.up
+            tensors.update(lora_tensors(path, ops, spec, factors.up, factors.modes[0]))
         magnitude = getattr(adapter, "dora_magnitude", None)  # DoRA (use_dora=True): PEFT's magnitude vector
         if magnitude is not None:
             if r != factors.rank:
@@ -171,26 +167,10 @@ def export_peft(
         if any(path == s or path.startswith(s + ".") for s in saved):
             raise LavaConfigError(f"{path} is both adapted and inside modules_to_save; PEFT cannot hold both")
 
-    r_default = Counter(ranks.values()).most_common(1)[0][0]
-    alpha_default = Counter(alphas.values()).most_common(1)[0][0]
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "r": r_default,
-        "lora_alpha": alpha_default,
-        "target_modules": "(?:" + "|".join(re.escape(p) for p in ranks) + ")",
-        "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != r_default},
-        "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != alpha_default},
-        "use_rslora": bool(config.use_rslora),
-        "lora_dropout": float(config.dropout),
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "modules_to_save": saved or None,
-        "init_lora_weights": True,
-        "use_dora": bool(getattr(config, "use_dora", False)),
-    }
+    peft_config = lora_config_fields(
+        ranks, alphas, use_rslora=config.use_rslora, dropout=config.dropout, fan_in_fan_out=fan_in_fan_out,
+        saved=saved, base_model_name_or_path=base_model_name_or_path or config.base_model_name_or_path,
+        task_type=config.task_type, use_dora=bool(getattr(config, "use_dora", False)))
     out = Path(save_directory)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} exists and is not a directory; choose another save_directory")
@@ -208,16 +188,6 @@ def _check_conv_exportable(path: str, conv: nn.Module) -> None:
 
 
 # =============================================================================== import
-def _peft_pattern_value(pattern: dict, path: str, default):
-    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)``."""
-    for key, value in (pattern or {}).items():
-        # keys come from a file: checked for catastrophic backtracking before they run as a regex
-        compile_module_pattern(f"PEFT pattern key {key!r}", key)
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 def import_peft(model, model_id: str, adapter_name: str = "default", is_trainable: bool = False):
     """Load a HF PEFT LoRA directory into an :class:`~lava_peft.AdaptedModel` as a LoRA adapter
     (another PEFT type through the method whose config declares it: ``peft_type`` / ``peft_import``, e.g. SHiRA).
@@ -269,7 +239,7 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{weights_path}: key {key!r} does not start with {PREFIX!r}; not a PEFT LoRA file")
         key = key[len(PREFIX):]
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
+        m = LORA_KEY.fullmatch(key)
         dora = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.weight)?", key)
         if dora and cfg.get("use_dora"):
             magnitudes[dora.group(1)] = value
@@ -309,7 +279,7 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
             problems.append(f"{path}: use_dora=True but no lora_magnitude_vector of {spec.out_dim} entries")
             continue
         ranks[path] = r
-        alphas[path] = float(_peft_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
+        alphas[path] = float(_pattern_lookup(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha", 8)))
         tensors_for[path] = (a.reshape(r, fan_in), b.reshape(spec.out_dim, r))
     if problems:
         raise IncompatibleBaseModelError(

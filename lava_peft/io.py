@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .config import fingerprint_digest
+from .config_payload import fingerprint_digest
 from .errors import AdapterFileError
 
 try:  # POSIX advisory locks; elsewhere concurrent writers are not serialized

@@ -9,23 +9,18 @@ was.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .adapter_files import (  # noqa: F401  (SAVED_MARKER: re-exported)
-    SAVED_MARKER,
-    adapter_metadata,
-    adapter_payload,
-    read_adapter_dir,
-    saved_key,
-    write_adapter_dir,
-)
+from .adapter_files import SAVED_MARKER  # noqa: F401  (re-exported)
 from .config import AdapterConfig, check_adapter_name
-from .errors import AdapterFileError, AdapterNameError, LavaError
+from .errors import AdapterNameError, LavaError
 from .inject import (
     adapted_layers,
     find_module_targets,
@@ -34,12 +29,68 @@ from .inject import (
     saved_module_wrappers,
     set_submodule,
 )
-from .fingerprint import base_fingerprint, check_base_fingerprint
-from .io import check_tensors_match
+from .model_files import AdapterFiles
+from .targets import resolve_for_model, untrained_new_modules
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 from .methods.base import ModuleAdapter
 from .merge_checks import check_mergeable
 from .module_layers import ModuleAdapterHost, host_of, module_spec, move_host
+
+
+class _BaseModelView:
+    """``AdaptedModel.base_model``: ``.model`` is the wrapped model, calling it runs the wrapped transformers
+    model's backbone (its own ``base_model``), any other attribute is the :class:`AdaptedModel`'s."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: "AdaptedModel"):
+        object.__setattr__(self, "_owner", owner)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._owner.model
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self._owner.model, "base_model", self._owner.model)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._owner, name)
+
+
+class _BoundForward:
+    """``AdaptedModel.forward`` bound to a model; ``inspect.signature`` gives the wrapped model's forward
+    signature plus ``adapter_names``, so that callers that pick inputs by the signature (transformers'
+    ``Trainer`` drops dataset columns the forward does not name) see the real inputs, as for PEFT models."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func, owner):
+        self.__func__, self.__self__ = func, owner
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            base = inspect.signature(self.__self__.model.forward)
+        except (TypeError, ValueError):
+            return inspect.signature(functools.partial(self.__func__, self.__self__))
+        params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        return base.replace(parameters=params[:at] + [extra] + params[at:])
+
+
+class _ForwardWithBaseSignature:
+    """Descriptor for :meth:`AdaptedModel.forward` (see :class:`_BoundForward`)."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, owner, owner_type=None):
+        return self.func if owner is None else _BoundForward(self.func, owner)
 
 
 @dataclass
@@ -50,9 +101,11 @@ class AdapterPlan:
     config: AdapterConfig
     layers: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)  # (path, found, adapter)
     saved: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, found)
+    notes: list[str] = field(default_factory=list)  # choices made for the user (printed by commit)
+    warnings: list[str] = field(default_factory=list)  # what the user should fix (warned by commit)
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(AdapterFiles, nn.Module):
     """Wraps ``model``; forward passes through unchanged (``model(**batch)`` / ``model(x)``)."""
 
     def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default"):
@@ -74,6 +127,13 @@ class AdaptedModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> "_BaseModelView":
+        """Both meanings at once: PEFT's nesting (``peft_model.base_model.model`` is the wrapped model, other
+        attributes are this model's) and transformers' (``model.base_model(...)`` runs the backbone, as TRL's
+        fused LM head calls it on the model it is given)."""
+        return _BaseModelView(self)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter wrappers in place)."""
@@ -98,6 +158,8 @@ class AdaptedModel(nn.Module):
             return self.model(*args, **kwargs)
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
+
+    forward = _ForwardWithBaseSignature(forward)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """``model.generate`` of the wrapped transformers model; ``adapter_names`` gives one adapter
@@ -175,13 +237,17 @@ class AdaptedModel(nn.Module):
         config.validate()
         adapter_cls = config.adapter_type()
         module_kind = issubclass(adapter_cls, ModuleAdapter)  # the second kind: transforms a module's output
+        notes: list[str] = []
         if target_names is not None:
             targets = [(n, self.model.get_submodule(n)) for n in target_names]
-        elif module_kind:
-            targets = find_module_targets(self.model, config, adapter_cls.extra_targets(config))
-        else:
-            targets = find_targets(self.model, config)
-        plan = AdapterPlan(name, config)
+        else:  # a new adapter: the model fills what the config leaves open (targets.py)
+            resolved = resolve_for_model(self.model, config)
+            config, notes = resolved.config, resolved.notes
+            if module_kind:
+                targets = find_module_targets(self.model, config, adapter_cls.extra_targets(config))
+            else:
+                targets = find_targets(self.model, config)
+        plan = AdapterPlan(name, config, notes=notes)
         for path, found in targets:
             base = found.base_layer if isinstance(found, AdaptedLayer) else found
             if module_kind:
@@ -196,6 +262,12 @@ class AdaptedModel(nn.Module):
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
+        if target_names is None:
+            for module in untrained_new_modules(self.model, [p for p, _, _ in plan.layers], [p for p, _ in plan.saved]):
+                plan.warnings.append(
+                    f"{module} was newly initialised by transformers (it is not in the checkpoint) and adapter {name!r} "
+                    f"neither adapts nor saves it: it stays random and is missing from the saved adapter. Pass "
+                    f"task_type='SEQ_CLS' (or 'TOKEN_CLS'), or modules_to_save=[{module.rsplit('.', 1)[-1]!r}]")
         return plan
 
     def commit(self, plan: AdapterPlan) -> None:
@@ -218,11 +290,21 @@ class AdaptedModel(nn.Module):
                 set_submodule(self.model, path, wrapper)
             wrapper.add(plan.name)
         self.peft_config[plan.name] = plan.config
+        if plan.config.inference_mode:
+            self.inference_only.add(plan.name)
         self._apply_active(self._active)
+        for note in plan.notes:
+            print(f"lava-peft: {note}")
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=3)
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Add a new (inactive) adapter; ``set_adapter`` activates it."""
-        self.commit(self.plan(adapter_name, config))
+    def add_adapter(self, adapter_name: str, config: AdapterConfig | None = None, *,
+                    peft_config: AdapterConfig | None = None, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new (inactive) adapter; ``set_adapter`` activates it.  ``peft_config=`` is PEFT's name
+        of ``config``; ``low_cpu_mem_usage`` is accepted (adapters are built small anyway)."""
+        if (config is None) == (peft_config is None):
+            raise LavaError("add_adapter(adapter_name, config): pass the config once (as config= or peft_config=)")
+        self.commit(self.plan(adapter_name, config if config is not None else peft_config))
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several) the active, trainable adapter(s).
@@ -327,10 +409,12 @@ class AdaptedModel(nn.Module):
     def _check_mergeable(self, names: Sequence[str]) -> None:
         check_mergeable(self.model, names)
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).
 
-        See :attr:`exact_unmerge` for bit-exact unmerging."""
+        Every merge is "safe" in PEFT's sense: non-finite increments are refused before any weight
+        changes, so ``safe_merge`` only exists for PEFT's signature.  See :attr:`exact_unmerge` for
+        bit-exact unmerging."""
         names = self._active if adapter_names is None else self.check_known(adapter_names)
         self._check_mergeable(names)
         for _, layer in adapted_layers(self.model):
@@ -357,10 +441,12 @@ class AdaptedModel(nn.Module):
             if merged:
                 self.merge_adapter(merged)
 
-    def _unwrap(self, merge: bool) -> nn.Module:
+    def _unwrap(self, merge: bool, adapter_names: Sequence[str] | None = None) -> nn.Module:
         if merge:
             self.exact_unmerge = False  # the wrappers go away: no backup copy of the weights is needed
-            self.merge_adapter()
+            if adapter_names is not None:
+                self.unmerge_adapter()
+            self.merge_adapter(adapter_names)
         else:
             self.unmerge_adapter()
         for path, layer in list(adapted_layers(self.model)):
@@ -372,9 +458,12 @@ class AdaptedModel(nn.Module):
         self._active = []
         return self.model
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model (wrappers removed)."""
-        return self._unwrap(merge=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the active adapters (or ``adapter_names``) and return the plain base model (wrappers removed).
+
+        ``safe_merge``/``progressbar`` are PEFT's keywords: merges always refuse non-finite increments."""
+        return self._unwrap(merge=True, adapter_names=None if adapter_names is None else self.check_known(adapter_names))
 
     def unload(self) -> nn.Module:
         """Remove all adapters and return the original base model."""
@@ -453,114 +542,7 @@ class AdaptedModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    # ================================================================= state / files
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of one adapter, keyed as in the file (see docs/format.md).
-
-        Under FSDP2 (``fully_shard``) sharded tensors are gathered (``DTensor.full_tensor()``,
-        a collective): call it on every rank.
-        """
-        name = adapter_name or self.active_adapter
-        self.check_known(name)
-        state = {}
-        for path, adapter in self.adapter_layers(name):
-            for key, value in adapter.state_dict().items():
-                state[f"{path}.{key}"] = _full(value)
-        for path, wrapper in saved_module_wrappers(self.model):
-            if name in wrapper.copies:
-                for key, value in wrapper.copies[name].state_dict().items():
-                    state[saved_key(path, key)] = _full(value)
-        return state
-
-    def base_fingerprint(self, adapter_name: str | None = None) -> dict:
-        """What a saved adapter records about its base layers: shapes and the sha256 of their weights."""
-        return base_fingerprint(self.model, adapter_name or self.active_adapter)
-
-    def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
-                        is_main_process: bool | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
-
-        ``adapter_name=None`` saves every adapter: ``"default"`` in ``save_directory``
-        itself, each other adapter in ``save_directory/<name>`` (the HF PEFT layout).
-
-        Distributed training: call it on every rank; only the main process writes
-        (``is_main_process``; default: rank 0 when ``torch.distributed`` is initialized).
-        Every rank takes part in gathering FSDP-sharded adapters.
-        """
-        if is_main_process is None:
-            dist = torch.distributed
-            is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-        if adapter_name is None:
-            names = list(self.peft_config)
-            targets = {n: Path(save_directory) if n == "default" or len(names) == 1 else Path(save_directory) / n for n in names}
-        else:
-            names = self.check_known(adapter_name)
-            targets = {n: Path(save_directory) if len(names) == 1 else Path(save_directory) / n for n in names}
-        for name, directory in targets.items():
-            if directory.exists() and not directory.is_dir():
-                raise AdapterFileError(f"{directory} exists and is not a directory; choose another save_directory")
-            config = self.peft_config[name]
-            payload = adapter_payload(config, self.base_fingerprint(name))
-            state = self.adapter_state_dict(name)  # on every rank: gathering sharded tensors is collective
-            if is_main_process:
-                write_adapter_dir(directory, payload, state, adapter_metadata(config))
-
-    def check_fingerprint(self, fp: dict, source: str, strict_base: bool = False, module_kind: bool = False) -> list[str]:
-        """Refuse (changing nothing) a base model that does not fit a saved ``base_model_fingerprint``: module
-        names and shapes (``module_kind``: a module adapter's targets, ``[type, in, out]``), and with
-        ``strict_base`` the weights' sha256; returns the adapted module paths."""
-        return check_base_fingerprint(self.model, fp, source, strict_base, module_kind)
-
-    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_nonfinite: bool = False, strict_base: bool = False) -> None:
-        """Load a saved adapter as ``adapter_name`` (inactive; ``set_adapter`` activates it).
-
-        Everything is checked before the model changes: the config's fields and types, the base
-        model's fingerprint (module names and weight shapes; with ``strict_base=True`` also the
-        sha256 of every targeted base weight's bytes), every tensor's key, shape and dtype, and that
-        values are finite (``allow_nonfinite=True`` accepts NaN/Inf, e.g. to inspect a diverged run).
-        """
-        files = read_adapter_dir(model_id, load_tensors=False)
-        directory, config = files.directory, files.config
-        self.check_new_name(adapter_name)
-        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base,
-                                              issubclass(config.adapter_type(), ModuleAdapter))
-        tensors = files.read_tensors(allow_nonfinite)
-        plan = self.plan(adapter_name, config, target_names=target_names)
-        expected: dict[str, torch.Tensor] = {}
-        for path, _, adapter in plan.layers:
-            for key, value in adapter.state_dict().items():
-                expected[f"{path}.{key}"] = value
-        for path, found in plan.saved:
-            source = found.original_module if isinstance(found, SavedModuleWrapper) else found
-            for key, value in source.state_dict().items():
-                expected[saved_key(path, key)] = value
-        check_tensors_match(expected, tensors, files.weights_path)
-        with torch.no_grad():
-            for path, _, adapter in plan.layers:
-                adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
-        if not is_trainable:
-            self.inference_only.add(adapter_name)
-        self.commit(plan)
-        self.load_adapter_tensors(adapter_name, tensors, layers=False)
-
-    @torch.no_grad()
-    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], layers: bool = True) -> None:
-        """Load file tensors (keys as in :meth:`adapter_state_dict`) into the existing adapter, in place.
-
-        Goes through each module's ``load_state_dict``, so an adapter whose file tensors are
-        derived from its parameters (e.g. low-bit packed codes) restores them itself.  The
-        caller checks keys and shapes first (``io.check_tensors_match``).
-        """
-        if layers:
-            for path, adapter in self.adapter_layers(adapter_name):
-                adapter.load_state_dict({k: tensors[f"{path}.{k}"] for k in adapter.state_dict()})
-        for path, wrapper in saved_module_wrappers(self.model):
-            if adapter_name in wrapper.copies:
-                copy = wrapper.copies[adapter_name]
-                copy.load_state_dict({k: tensors[saved_key(path, k)] for k in copy.state_dict()})
-
+    # ================================================================= files (model_files.AdapterFiles)
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
@@ -575,12 +557,6 @@ class AdaptedModel(nn.Module):
         if not is_trainable:
             wrapped.eval()
         return wrapped
-
-
-def _full(value: torch.Tensor) -> torch.Tensor:
-    """A plain local tensor: FSDP2 ``DTensor`` shards are gathered (collective)."""
-    full_tensor = getattr(value, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else value
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:

@@ -83,7 +83,10 @@ def test_rank_larger_than_allowed_leaves_model_unchanged():
 
 def test_other_config_errors():
     with pytest.raises(lp.LavaConfigError, match="target_modules is empty"):
-        lp.LavaConfig()
+        lp.LavaConfig(target_modules=[])
+    # target_modules=None asks for the architecture's defaults: a model without any is a clear error
+    with pytest.raises(lp.TargetModulesError, match="no default for a Sequential.*Architectures with defaults"):
+        lp.adapt(nn.Sequential(nn.Linear(4, 4)), lp.LavaConfig())
     with pytest.raises(lp.LavaConfigError, match="not a valid regular expression"):
         lp.LavaConfig(target_modules="([")
     with pytest.raises(lp.LavaConfigError, match="orth_factors must be"):

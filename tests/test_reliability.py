@@ -11,10 +11,12 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import stat
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,6 +295,9 @@ def _unchanged(model, snap) -> bool:
     return set(state) == set(snap) and all(torch.equal(state[k], snap[k]) for k in snap)
 
 
+U_KEY, V_KEY = "base_model.model.0.lora_B.weight", "base_model.model.2.lora_A.weight"  # LAVA U, V in PEFT's layout
+
+
 def test_integer_nan_and_retyped_tensors_are_refused(saved):
     from safetensors.torch import load_file, save_file
 
@@ -306,16 +311,16 @@ def test_integer_nan_and_retyped_tensors_are_refused(saved):
     with pytest.raises(lp.AdapterFileError, match=r"has an integer/bool dtype 'I32' where a floating point tensor is expected"):
         lp.AdaptedModel.from_pretrained(fresh, path)
     for bad in (torch.int64, torch.bool):
-        save_file({**tensors, "0.lava_U": tensors["0.lava_U"].to(bad)}, weights)
-        with pytest.raises(lp.AdapterFileError, match=r"'0.lava_U' has an integer/bool dtype"):
+        save_file({**tensors, U_KEY: tensors[U_KEY].to(bad)}, weights)
+        with pytest.raises(lp.AdapterFileError, match=re.escape(f"'{U_KEY}' has an integer/bool dtype")):
             lp.AdaptedModel.from_pretrained(fresh, path)
     for value in (math.nan, math.inf, -math.inf):
-        poisoned = tensors["2.lava_V"].clone()
+        poisoned = tensors[V_KEY].clone()
         poisoned[0, 1] = value
-        save_file({**tensors, "2.lava_V": poisoned}, weights)
-        with pytest.raises(lp.AdapterFileError, match=r"'2.lava_V' holds 1 of 12 values that are not finite \(NaN/Inf\).*allow_nonfinite=True"):
+        save_file({**tensors, V_KEY: poisoned}, weights)
+        with pytest.raises(lp.AdapterFileError, match=re.escape(f"'{V_KEY}' holds 1 of 12 values that are not finite (NaN/Inf)")):
             lp.AdaptedModel.from_pretrained(fresh, path)
-        assert io.read_safetensors(weights, allow_nonfinite=True)["2.lava_V"][0, 1].item() != 0
+        assert io.read_safetensors(weights, allow_nonfinite=True)[V_KEY][0, 1].item() != 0
     assert _unchanged(fresh, snap)
     # declared integer buffers pass the reader; check_tensors_match still compares dtype kinds
     save_file({"m.sparse_indices": torch.arange(3, dtype=torch.int32), "m.lora_A.codes": torch.zeros(2, dtype=torch.uint8)}, weights)
@@ -356,11 +361,17 @@ def test_config_fields_are_present_typed_and_sane(saved, change, message):
     assert _unchanged(fresh, snap)
 
 
-def test_documented_format_default_fills_a_field_older_files_lack(saved):
-    fresh, path = saved
+def test_documented_format_default_fills_a_field_older_files_lack(tmp_path):
+    import shutil
+
+    from _tiny_models import conv_net
+
+    path = tmp_path / "v1"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "format_v1" / "lava_conv", path)  # a format-1 folder
     _edit_config(path, lambda p: p["config"].pop("conv_path"))  # added to LavaConfig after format 1 shipped
-    model = lp.AdaptedModel.from_pretrained(fresh, path)
+    model = lp.AdaptedModel.from_pretrained(conv_net(), path)
     assert model.peft_config["default"].conv_path == "auto"
+    assert model.peft_config["default"].task_type is None  # format 2's PEFT-named fields: documented defaults
 
 
 def test_alpha_is_checked_on_user_configs_too():

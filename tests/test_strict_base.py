@@ -71,7 +71,7 @@ def test_files_without_hashes_get_a_clear_message(tmp_path):
     _saved(tmp_path, base)
     payload = json.loads((tmp_path / "adapter_config.json").read_text())
     del payload["base_model_fingerprint"]["weights"]  # as an older lava-peft wrote it
-    tensors = lp.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).adapter_state_dict()
+    tensors = lp.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).adapter_file_tensors()  # keyed as in the file
     write_adapter_dir(tmp_path, payload, tensors)
     with pytest.raises(IncompatibleBaseModelError, match="records no hashes of the base weights.*older"):
         lp.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path, strict_base=True)

@@ -10,7 +10,8 @@ from .evaluate import _load_trained
 
 def inspect_adapter(path: str) -> dict:
     """Method, targets, per-module parameters and byte counts of the adapter at ``path``."""
-    from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir, read_tensor_index, split_saved_key
+    from ..adapter_files import (CONFIG_NAME, WEIGHTS_NAME, lava_key, read_adapter_dir, read_tensor_index,
+                                 split_saved_key, tensor_layout)
     from ..train.checkpoint import RUN_MARKER
 
     p = Path(path)
@@ -31,6 +32,8 @@ def inspect_adapter(path: str) -> dict:
     fp_modules = sorted((payload.get("base_model_fingerprint") or {}).get("modules", {}), key=len, reverse=True)
     total_params = tensor_bytes = n_tensors = 0
     metadata, index = read_tensor_index(weights)
+    if payload.get("method") and tensor_layout(payload, directory) == "peft":  # HF PEFT key names in the file
+        index = {lava_key(k, payload, weights): v for k, v in index.items()}
     for key, (shape, dtype) in index.items():
         numel = 1
         for d in shape:

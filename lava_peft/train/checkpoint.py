@@ -81,6 +81,9 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
                 f"({saved.get('method')}: {saved.get('config')}); resume with the config it was trained with"
             )
         tensors = files.read_tensors()
+        if saved.get("layout") == "peft":  # HF PEFT's key layout: the model maps and checks the keys itself
+            model.load_adapter_file_tensors(name, tensors)
+            return
         state = model.adapter_state_dict(name)
     else:
         tensors = read_weights_dir(directory)

@@ -8,12 +8,14 @@ Two ways, pick one:
   and ``resume_from_checkpoint`` / ``load_best_model_at_end`` load them back.
 * :class:`LavaTrainerCallback` with a stock ``transformers.Trainer``: adds the
   regularizer to the loss the model returns (a forward hook on the adapted model,
-  active only in training mode) and writes our adapter files into every checkpoint
-  folder and into ``output_dir`` at the end.  Transformers still writes its own full
-  ``model.safetensors`` next to them; use ``LavaHFTrainer`` for adapter-only files.
+  active only in training mode), writes our adapter files into every checkpoint
+  folder (replacing the full ``model.safetensors`` the Trainer writes for a model that is not a
+  ``PreTrainedModel``) and into ``output_dir`` at the end.  Resuming a checkpoint or
+  ``load_best_model_at_end`` need :class:`LavaHFTrainer` (the stock Trainer looks for full weights).
 
-Note: ``AdaptedModel.forward`` takes ``**kwargs``, so when you pass a ``datasets.Dataset``
-set ``remove_unused_columns=False`` (or pass only the model's input columns).
+Default ``TrainingArguments`` work with both (``remove_unused_columns=True`` included): the
+adapted model's ``forward`` shows the base model's signature, so the Trainer keeps the columns the
+base model takes, as it does for PEFT models.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from transformers import Trainer, TrainerCallback
 
 from ..model import AdaptedModel
 from .checkpoint import load_trainable
+
+FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+"""What ``transformers.Trainer`` writes for a model that is not a ``PreTrainedModel`` (its whole state dict)."""
 
 
 def find_adapted_model(model) -> AdaptedModel | None:
@@ -133,6 +138,10 @@ class LavaTrainerCallback(TrainerCallback):
         if self.save_adapter and self._model is not None and state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self._model.save_pretrained(folder, adapter_name=self._model.active_adapter)
+            for name in FULL_MODEL_FILES:  # the Trainer's copy of the whole model: the adapter files replace it
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    os.remove(path)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._handle is not None:
