@@ -389,3 +389,14 @@ def test_forward_signature_is_the_base_models():
     params = inspect.signature(model.forward).parameters
     assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
     assert re.search(r"adapter_names=None", str(inspect.signature(model.forward)))
+
+
+def test_inference_mode_and_is_trainable_freeze_like_peft(tmp_path):
+    counts = {}
+    for lib in (peft, lp):
+        config = lib.LoraConfig(r=2, lora_alpha=4, target_modules=["query"], inference_mode=True)
+        frozen = lib.get_peft_model(tiny_bert(), config)
+        frozen.save_pretrained(tmp_path / lib.__name__)
+        loaded = lib.PeftModel.from_pretrained(tiny_bert(), tmp_path / lib.__name__, is_trainable=True)
+        counts[lib.__name__] = (frozen.get_nb_trainable_parameters(), loaded.get_nb_trainable_parameters())
+    assert counts["lava_peft"] == counts["peft"] and counts["peft"][0][0] == 0 and counts["peft"][1][0] > 0
