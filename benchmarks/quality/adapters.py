@@ -223,6 +223,11 @@ def claims(rows: list[dict], runs: list[dict]) -> list[str]:
     for task in dict.fromkeys(r["task"] for r in rows):
         row = {r["variant"]: r for r in rows if r["task"] == task}
         per_seed = {(r["variant"], r["seed"]): r["accuracy"] for r in runs if r["task"] == task}
+        head = row.get("head")
+        if head and "adaptformer" in row and row["adaptformer"]["per_seed"] == head["per_seed"]:
+            out.append(f"* {task}: the fp32 AdaptFormer row equals head-only in every seed (it did not move the "
+                       "prediction off the head's); neither claim can be judged against it here.")
+            continue
         seeds = sorted({r["seed"] for r in runs if r["task"] == task})
         if "mosa" in row and "adaptformer" in row:
             wins = sum(per_seed[("mosa", s)] > per_seed[("adaptformer", s)] for s in seeds)
@@ -258,6 +263,8 @@ def to_markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) ->
                      f"{r['train_s']:.0f} |")
     if runs:
         lines += ["", "## The seed claims", ""] + claims(rows, runs)
+    if meta.get("notes"):
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
 
