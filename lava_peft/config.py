@@ -133,13 +133,14 @@ def resolve_peft_names(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     :data:`PEFT_CHECKED_FIELDS`, :data:`PEFT_INIT_FIELD`); raises :class:`LavaConfigError` for a value
     that has no meaning here, or for both names of one field."""
     out = dict(kwargs)
+    own = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     for peft_name, ours in PEFT_RENAMED_FIELDS.items():
-        if peft_name in out:
+        if peft_name in out and peft_name not in own:
             if ours in out:
                 raise LavaConfigError(f"{cls.__name__}: pass {ours}= or its PEFT name {peft_name}=, not both")
             out[ours] = out.pop(peft_name)
     for peft_name, (accepted, why) in PEFT_CHECKED_FIELDS.items():
-        if peft_name in out:
+        if peft_name in out and peft_name not in own:  # a method's own field of that name (bottleneck bias) wins
             value = out.pop(peft_name)
             value = getattr(value, "value", value)  # enum members (PeftType.LORA)
             if value not in accepted or isinstance(value, bool) != isinstance(accepted[0], bool):
