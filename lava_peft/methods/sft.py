@@ -91,6 +91,9 @@ class SftConfig(ShiraConfig):
         "density": ShiraConfig.cli_options["density"],
         "sft_phase1_epochs": (1.0, float, "sft: epochs of dense phase-1 training that pick the lottery-ticket mask"),
         "l1_lambda": (0.0, float, "sft: weight of the L1 pull of the sparse difference toward the pretrained weights"),
+        "sft_scope": ("global", str, "sft: global (one threshold over all targeted weights, as composable-sft) | "
+                                     "layer (each weight keeps its own budget; use it when a global selection "
+                                     "leaves a layer empty)"),
     }
     cli_prepare: ClassVar[str | None] = "lava_peft.tools.sft:prepare_cli_config"
 

@@ -201,7 +201,8 @@ def prepare_cli_config(config: SftConfig, opts: dict, task) -> SftConfig:
                                progress=not opts["no_progress"], summary=False, save_final=False, save_best=False,
                                save_every=0)
     print(f"lava train: LT-SFT phase 1 ({opts['sft_phase1_epochs']} epoch(s) of dense training) ...", flush=True)
-    masks = lottery_ticket_masks(task.model, config, trainer_phase(task.train, phase1))
+    masks = lottery_ticket_masks(task.model, config, trainer_phase(task.train, phase1),
+                                 scope=opts.get("sft_scope") or "global")
     return config.replace(masks=masks)
 
 
