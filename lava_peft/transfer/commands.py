@@ -115,17 +115,10 @@ def register(register_command) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import LavaError
+    """``python -m lava_peft.transfer.commands ...``: exactly ``lava transfer ...`` (the CLI's one-line errors, ``--debug``)."""
+    from .. import cli
 
-    parser = argparse.ArgumentParser(prog="lava transfer", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    ns = parser.parse_args(argv)
-    try:
-        return run(ns)
-    except LavaError as exc:
-        print(f"lava transfer: error: {exc}", file=sys.stderr)
-        return 2
+    return cli.main(["transfer", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,17 +64,10 @@ def register(register_command) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import LavaError
+    """``python -m lava_peft.zoo.commands ...``: exactly ``lava zoo ...`` (the CLI's one-line errors, ``--debug``)."""
+    from .. import cli
 
-    parser = argparse.ArgumentParser(prog="lava zoo", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    ns = parser.parse_args(argv)
-    try:
-        return run(ns)
-    except LavaError as exc:
-        print(f"lava zoo: error: {exc}", file=sys.stderr)
-        return 2
+    return cli.main(["zoo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
