@@ -276,3 +276,20 @@ def test_zoo_corpus_leaves_out_the_test_movies_and_the_cache_dir_follows_the_env
         get_recipe("gpt5")
     assert get_recipe("llama-tiny").tokenizer_id() == get_recipe("llama-small").tokenizer_id() != \
         get_recipe("gpt2-tiny").tokenizer_id()
+
+
+def test_no_accepted_input_leaves_the_transferred_adapter_at_zero_delta(tmp_path, tok_bpe):
+    """A discriminator that rejects every candidate gives nothing to distill on: the stage says so
+    and the adapter stays at its initialisation, i.e. exactly the target's zero-shot scores."""
+    first = make_run(tmp_path, tok_bpe).run()
+    (tmp_path / "synthetic" / "accepted.jsonl").write_text("")
+    (tmp_path / "distill-filtered" / "stage.json").unlink()
+    messages = []
+    again = make_run(tmp_path, tok_bpe, log=messages.append).run()
+    report = json.loads((tmp_path / "distill-filtered" / "stage.json").read_text())["result"]
+    assert report["n_inputs"] == 0 and report["untrained"] is True
+    assert again["transferred_adapter_untrained"] is True and first["transferred_adapter_untrained"] is False
+    assert any("accepted none" in m for m in messages)
+    assert again["accuracy"]["target_with_transferred_adapter"] == again["accuracy"]["target_zero_shot"]
+    from lava_peft.transfer.commands import _summary_lines
+    assert any("never trained" in line for line in _summary_lines(again))

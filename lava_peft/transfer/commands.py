@@ -92,6 +92,9 @@ def _summary_lines(summary: dict) -> list[str]:
     if syn:
         lines.append(f"  synthetic: {syn['accepted']} accepted of {syn['candidates']} candidates "
                      f"(acceptance {syn['acceptance_rate']:.1%})")
+    if summary.get("transferred_adapter_untrained"):
+        lines.append("  WARNING: no synthetic input was accepted, so the transferred adapter was never trained "
+                     "(it equals the target zero-shot)")
     lines.append(f"  discriminator held-out accuracy {summary['discriminator_held_out_accuracy']:.1%}")
     lines.append("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items() if v))
     return lines

@@ -350,9 +350,14 @@ class TransferRun:
             return random.Random(cfg.seed + 3).sample(self.data.other_texts, cfg.n_synthetic)
         records = read_jsonl(self.out / "synthetic" / ("accepted.jsonl" if inputs == "filtered" else "candidates.jsonl"))
         texts = [r["text"] for r in records if r["text"]][: cfg.n_synthetic]
+        if not texts and inputs == "unfiltered":
+            raise TransferError(f"the synthetic stage in {self.out / 'synthetic'} produced no non-empty candidates "
+                                "(see candidates.jsonl); raise --max-new-tokens or --temperature")
         if not texts:
-            raise TransferError(f"the synthetic stage in {self.out / 'synthetic'} kept no {inputs} inputs (see "
-                                "candidates.jsonl); raise --max-candidates or --temperature, or retrain the discriminator")
+            self.log(f"[distill-{inputs}] WARNING: the discriminator accepted none of the target's candidates, so "
+                     "there is nothing to distill on: the transferred adapter stays at its initialisation (ΔW = 0, "
+                     "the target's zero-shot behaviour). Raise --max-candidates or --temperature, or retrain the "
+                     "discriminator with more --n-disc texts")
         return texts
 
     def stage_distill(self, inputs: str | None = None) -> dict:
@@ -370,9 +375,13 @@ class TransferRun:
             wrap = self._wrapped("target")
             wrap.add_adapter(name, adapter_config(cfg.target_method, cfg.r, cfg.alpha, self.target[0]))
             wrap.set_adapter(name)
-            report = distill(teacher, self.source[1], wrap, self.target[1], self.task, texts, mode=mode,
-                             all_tokens=cfg.kd_all_tokens, temperature=cfg.kd_temperature, epochs=cfg.distill_epochs,
-                             lr=cfg.distill_lr, batch_size=cfg.batch_size, seed=cfg.seed, progress=self.progress)
+            if texts:
+                report = distill(teacher, self.source[1], wrap, self.target[1], self.task, texts, mode=mode,
+                                 all_tokens=cfg.kd_all_tokens, temperature=cfg.kd_temperature,
+                                 epochs=cfg.distill_epochs, lr=cfg.distill_lr, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, progress=self.progress)
+            else:  # no accepted input: the adapter keeps its zero-delta initialisation (said in the log)
+                report = {"mode": mode, "n_inputs": 0, "untrained": True}
             wrap.save_pretrained(str(folder / "adapter"), adapter_name=name)
             report["accuracy"] = accuracy(wrap, self.target[1], self.task, self.data.test)
             report["inputs"] = inputs
@@ -421,6 +430,7 @@ class TransferRun:
                          "target_with_transferred_adapter": transferred["accuracy"]},
             "discriminator_held_out_accuracy": disc["held_out_accuracy"],
             "synthetic": self.results.get("synthetic"),
+            "transferred_adapter_untrained": bool(transferred.get("untrained", False)),
             "stage_seconds": {k: v.get("seconds") for k, v in self.results.items()},
             "seconds_this_invocation": round(time.time() - t0, 1),
         }
