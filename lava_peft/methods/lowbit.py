@@ -44,14 +44,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import AdapterFileError, LavaConfigError, LavaError
+from ..errors import LavaConfigError, LavaError
 from .base import LayerSpec
-from ..lowbit import check_codebook, dequantize, fake_quantize, pack_codes, packed_size, quantize, unpack_codes
+from ..lowbit import check_codebook, fake_quantize
 from .factorized import FactorizedAdapter, FactorizedConfig, register_factorized
 from .lava import LavaAdapter
 from .lora import LoraAdapter
-
-_PACKED_SUFFIXES = ("codes", "stats", "shape")
+from .packed_codes import BitPackedTensors
 
 
 @dataclass
@@ -114,7 +113,7 @@ class LowBitConfig(FactorizedConfig):
     factor_config = FactorizedConfig.plain_config  # the LoRA / LAVA config of the underlying (unquantized) method
 
 
-class LowBitAdapter(FactorizedAdapter):
+class LowBitAdapter(BitPackedTensors, FactorizedAdapter):
     """Registered adapter class; constructs a :class:`LowBitLoraAdapter` or :class:`LowBitLavaAdapter`."""
 
     def __init__(self, spec: LayerSpec, config: LowBitConfig, module_name: str):
@@ -134,13 +133,8 @@ class LowBitAdapter(FactorizedAdapter):
     # -- factors ------------------------------------------------------------------
     latent_factor = FactorizedAdapter.factor  # the fp32 parameter (the latent) behind factor ``key``
 
-    @staticmethod
-    def _slot(key: str) -> str:
-        return key.replace(".", "_")
-
-    def is_frozen(self, key: str) -> bool:
-        """Whether factor ``key`` was loaded from codes alone (its value is fixed to them)."""
-        return f"{self._slot(key)}_qcodes" in self._buffers
+    def _packed_latent(self, key: str) -> torch.Tensor:
+        return self.latent_factor(key)
 
     def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
         """``(Q(up), [Q(down), Q(P_1), …], s)``: the quantized factors fake-quantized (the dequantized
@@ -160,98 +154,7 @@ class LowBitAdapter(FactorizedAdapter):
                 f"({key}): it is for inference and merging only. To continue training, save it with "
                 "LowBitConfig(keep_latent=True), or call model.eval() / torch.no_grad() for inference"
             )
-        slot = self._slot(key)
-        codes = unpack_codes(self._buffers[f"{slot}_qcodes"], self.bits, param.numel()).view(param.shape)
-        stats = self._buffers[f"{slot}_qstats"]
-        return dequantize(codes, stats[0], stats[1], self.bits, self.codebook)
-
-    # -- files ----------------------------------------------------------------------
-    def _packed_state(self, key: str) -> dict[str, torch.Tensor]:
-        """``{codes, stats, shape}`` of a quantized factor: the stored ones if frozen (live
-        buffers), else quantized from the latent now."""
-        if self.is_frozen(key):
-            slot = self._slot(key)
-            return {s: self._buffers[f"{slot}_q{s}"] for s in _PACKED_SUFFIXES}
-        latent = self.latent_factor(key)
-        codes, stats = quantize(latent, self.bits, self.codebook)
-        shape = torch.tensor(list(latent.shape), dtype=torch.int64, device=latent.device)
-        return {"codes": pack_codes(codes, self.bits), "stats": stats, "shape": shape}
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The file content: packed codes + ``[μ, σ]`` + shape per quantized factor (plus the
-        latent with ``keep_latent``), the other factors as usual."""
-        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in self.quantized_keys:
-            latent = out.pop(prefix + key)
-            if self.keep_latent:
-                out[prefix + key] = latent
-            for suffix, tensor in self._packed_state(key).items():
-                out[f"{prefix}{key}.{suffix}"] = tensor
-        return out
-
-    def _decode(self, source: str, key: str, codes, stats, shape) -> torch.Tensor:
-        """Check the stored tensors of factor ``key`` and return its dequantized value."""
-        latent = self.latent_factor(key)
-        expected = packed_size(latent.numel(), self.bits)
-        problems = []
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (expected,):
-            problems.append(f"codes must be uint8 of shape ({expected},), got {codes.dtype} {tuple(codes.shape)}")
-        if stats.dtype != torch.float32 or tuple(stats.shape) != (2,):
-            problems.append(f"stats must be float32 [mu, sigma], got {stats.dtype} {tuple(stats.shape)}")
-        elif not (torch.isfinite(stats).all() and stats[1] >= 0):
-            problems.append(f"stats [mu, sigma] = {stats.tolist()} are not finite with sigma >= 0")
-        if shape.dtype != torch.int64 or shape.tolist() != list(latent.shape):
-            problems.append(f"shape must be int64 {list(latent.shape)}, got {shape.dtype} {shape.tolist()}")
-        if problems:
-            raise AdapterFileError(f"{source}{key}: " + "; ".join(problems) + "; the file is corrupt or was edited")
-        device = latent.device
-        values = unpack_codes(codes.to(device), self.bits, latent.numel()).view(latent.shape)
-        stats = stats.to(device)
-        return dequantize(values, stats[0], stats[1], self.bits, self.codebook)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """Packed factors → frozen to their codes (the parameter gets the dequantized value);
-        a latent in the state dict → trained from the latent (any packed copy is redundant)."""
-        freeze = {}
-        for key in self.quantized_keys:
-            names = [f"{prefix}{key}.{s}" for s in _PACKED_SUFFIXES]
-            present = [n in state_dict for n in names]
-            if not any(present):
-                freeze[key] = None
-                continue
-            if not all(present):
-                raise AdapterFileError(f"{prefix}{key}: the state has {[n for n, p in zip(names, present) if p]} but "
-                                       f"not {[n for n, p in zip(names, present) if not p]}; the file is corrupt")
-            codes, stats, shape = (state_dict.pop(n) for n in names)
-            value = self._decode(prefix, key, codes, stats, shape)
-            if prefix + key in state_dict:
-                freeze[key] = None
-            else:
-                state_dict[prefix + key] = value  # the parameter (directly or via lava_P) gets Q(w)
-                device = self.latent_factor(key).device
-                freeze[key] = (codes.to(device).clone(), stats.to(device).clone(), shape.to(device).clone())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        for key, packed in freeze.items():
-            slot = self._slot(key)
-            for suffix, tensor in zip(_PACKED_SUFFIXES, packed or (None,) * 3):
-                name = f"{slot}_q{suffix}"
-                if tensor is None:
-                    self._buffers.pop(name, None)
-                    self._non_persistent_buffers_set.discard(name)
-                else:
-                    self.register_buffer(name, tensor, persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        """``model.half()`` / ``.to(bf16)`` must not round the stored ``[μ, σ]``: they keep fp32 (moved only)."""
-        stats = {n: b for n, b in self._buffers.items() if n.endswith("_qstats")}
-        super()._apply(fn, recurse)
-        for name, old in stats.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
+        return self._frozen_value(key)
 
 
 class LowBitLoraAdapter(LowBitAdapter, LoraAdapter):
