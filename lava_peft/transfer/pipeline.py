@@ -57,13 +57,13 @@ class TransferConfig:
     target_method: str = "lora"
     r: int = 8
     alpha: float = 16.0
-    n_train: int = 1000
-    n_test: int = 300
+    n_train: int = 4000
+    n_test: int = 500
     n_seeds: int = 5
     n_synthetic: int = 100
     n_disc: int = 150
     source_epochs: int = 2
-    source_lr: float = 3e-3
+    source_lr: float = 1e-3
     disc_epochs: int = 3
     disc_lr: float = 3e-3
     distill_epochs: int = 6
