@@ -22,7 +22,18 @@ from .adapter_files import (
     split_saved_key,
     write_adapter_dir,
 )
-from .errors import AdapterFileError
+from .base_init_files import (
+    check_loadable,
+    converted_config,
+    converted_peft_fields,
+    converted_state,
+    explain_base_mismatch,
+    initial_factors_from_dir,
+    initial_factors_from_model,
+    saved_base_note,
+    warn_unreloadable,
+)
+from .errors import AdapterFileError, IncompatibleBaseModelError
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .inject import adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
@@ -91,6 +102,8 @@ class AdapterFiles:
         fields = lora_config_fields(ranks, alphas, use_rslora=config.use_rslora, dropout=config.dropout,
                                     fan_in_fan_out=fan_in_fan_out, saved=saved,
                                     base_model_name_or_path=config.base_model_name_or_path, task_type=config.task_type)
+        if saved_base_note(config):  # PiSSA / OLoRA: PEFT re-derives the residual on load, as we do
+            fields["init_lora_weights"] = config.init
         return keys, fields
 
     def _to_peft_keys(self, adapter_name: str, state: dict[str, torch.Tensor], keys: dict[str, str]) -> dict:
@@ -131,7 +144,8 @@ class AdapterFiles:
 
     def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
                         is_main_process: bool | None = None, *, selected_adapters: Sequence[str] | None = None,
-                        safe_serialization: bool = True) -> None:
+                        safe_serialization: bool = True, convert_pissa_to_lora: bool = False,
+                        path_initial_model_for_weight_conversion: str | None = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
 
         ``adapter_name=None`` saves every adapter: ``"default"`` in ``save_directory``
@@ -143,6 +157,12 @@ class AdapterFiles:
         Distributed training: call it on every rank; only the main process writes
         (``is_main_process``; default: rank 0 when ``torch.distributed`` is initialized).
         Every rank takes part in gathering FSDP-sharded adapters.
+
+        A PiSSA / OLoRA adapter (``init="pissa"``, ...) is saved as it is (to be loaded onto the original base,
+        which loading turns into the residual again, as in PEFT), or converted to a plain rank-``2r`` LoRA on the
+        original base (:mod:`lava_peft.base_init_files`): ``convert_pissa_to_lora=True`` uses the initial factors
+        the adapter kept, ``path_initial_model_for_weight_conversion`` (PEFT's keyword) reads them from the folder
+        saved right after initialisation.
         """
         if is_main_process is None:
             dist = torch.distributed
@@ -164,17 +184,28 @@ class AdapterFiles:
         else:
             names = self.check_known(adapter_name)
             targets = {n: Path(save_directory) if len(names) == 1 else Path(save_directory) / n for n in names}
+        convert = convert_pissa_to_lora or path_initial_model_for_weight_conversion is not None
         for name, directory in targets.items():
             if directory.exists() and not directory.is_dir():
                 raise AdapterFileError(f"{directory} exists and is not a directory; choose another save_directory")
             config = self.peft_config[name]
             state = self.adapter_state_dict(name)  # on every rank: gathering sharded tensors is collective
             layout = self.peft_layout(name)
+            if convert:
+                layers = self.adapter_layers(name)
+                initial = (initial_factors_from_model(layers, name) if path_initial_model_for_weight_conversion is None
+                           else initial_factors_from_dir(path_initial_model_for_weight_conversion, layers))
+                state = converted_state(layers, state, initial)
+                layout = None if layout is None else (layout[0], converted_peft_fields(layout[1], config.use_rslora))
+                config = converted_config(config)
+            else:
+                warn_unreloadable(config, directory)
             if layout is None:
                 payload = adapter_payload(config, self.base_fingerprint(name))
             else:
                 payload = adapter_payload(config, self.base_fingerprint(name), layout[1], layout[0])
                 state = self._to_peft_keys(name, state, layout[0])
+            payload.update(saved_base_note(config))
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
@@ -196,8 +227,12 @@ class AdapterFiles:
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
         self.check_new_name(adapter_name)
-        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base,
-                                              issubclass(config.adapter_type(), ModuleAdapter))
+        from_base = check_loadable(config, str(directory))  # PiSSA / OLoRA: the original base, always hash-checked
+        try:
+            target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory),
+                                                  strict_base or from_base, issubclass(config.adapter_type(), ModuleAdapter))
+        except IncompatibleBaseModelError as exc:
+            raise (explain_base_mismatch(exc, config, str(directory)) if from_base else exc) from None
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config.replace(inference_mode=not is_trainable), target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
