@@ -52,7 +52,8 @@ def note_base_init(adapter, found, base, path: str) -> None:
 @torch.no_grad()
 def apply_base_change(layer, adapter) -> None:
     """In ``commit``: replace the layer's base weight by ``W − s·B₀A₀`` (once; nothing for other adapters)."""
-    change = adapter.take_base_change()
+    take = getattr(adapter, "take_base_change", None)  # weight adapters only (module adapters have no base weight)
+    change = take() if take is not None else None
     if change is None:
         return
     up, down, scale = change
