@@ -23,10 +23,12 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from .errors import AdapterFileError, AdapterNameError, LavaConfigError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the on-disk adapter format (``adapter_config.json`` / safetensors layout).  2: adapters PEFT can
 represent are written in HF PEFT's key layout with PEFT's config fields (``layout: "peft"``); the
-PEFT-named config fields (task_type, ...) exist; pattern keys follow PEFT's first-match rule."""
+PEFT-named config fields (task_type, ...) exist; pattern keys follow PEFT's first-match rule.  3: SHiRA
+adapters PEFT computes identically are written in PEFT's SHiRA layout (``layout: "peft-shira"``); LoRA/LAVA
+``init`` may be ``"pissa"``/``"olora"`` (the folder is loaded onto the original base)."""
 
 _REGISTRY: dict[str, tuple[type["AdapterConfig"], type]] = {}
 

@@ -269,7 +269,7 @@ def test_native_files_for_peft_representable_adapters_only(tmp_path):
         model.save_pretrained(folder)
         payload = json.loads((folder / "adapter_config.json").read_text())
         keys = sorted(load_file(folder / "adapter_model.safetensors"))
-        assert payload["format_version"] == 2 and payload["layout"] == ("peft" if native else "lava-peft"), name
+        assert payload["format_version"] == 3 and payload["layout"] == ("peft" if native else "lava-peft"), name
         assert all(k.startswith("base_model.model.") for k in keys) == native, name
         with torch.no_grad():
             expected = run(model)
