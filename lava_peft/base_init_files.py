@@ -76,6 +76,17 @@ def base_init_warnings(name: str, config: AdapterConfig, existing: dict[str, Ada
             "(save_pretrained(..., convert_pissa_to_lora=True)) to combine it with others"]
 
 
+def warn_residual_left(configs: dict[str, AdapterConfig], removed: list[str]) -> None:
+    """Warn when adapters that turned base weights into residuals go away unmerged: the base model left behind
+    is the residual, not the original (PEFT leaves it so silently)."""
+    left = [n for n in removed if base_init_kind(getattr(configs.get(n), "init", None))]
+    if left:
+        warnings.warn(f"adapter(s) {left} replaced base weights by the residual W - s*B0*A0 (PiSSA/OLoRA); removed "
+                      "unmerged, they leave the residual in the model, whose outputs are not the original base model's. "
+                      "merge_and_unload() keeps the trained weights; reload the base model for the original ones",
+                      UserWarning, stacklevel=3)
+
+
 def check_loadable(config: AdapterConfig, source: str) -> bool:
     """Whether a saved config re-derives its factors from the base on load; refuses one that cannot."""
     init = getattr(config, "init", None)
@@ -191,4 +202,4 @@ def converted_peft_fields(fields: dict, use_rslora: bool) -> dict:
 
 __all__ = ["apply_base_change", "base_init_warnings", "check_loadable", "converted_config", "converted_peft_fields",
            "converted_state", "explain_base_mismatch", "initial_factors_from_dir", "initial_factors_from_model",
-           "note_base_init", "saved_base_note", "warn_unreloadable"]
+           "note_base_init", "saved_base_note", "warn_residual_left", "warn_unreloadable"]

@@ -30,7 +30,7 @@ from .inject import (
     set_submodule,
 )
 from .model_files import AdapterFiles
-from .base_init_files import apply_base_change, base_init_warnings, note_base_init
+from .base_init_files import apply_base_change, base_init_warnings, note_base_init, warn_residual_left
 from .targets import resolve_for_model, untrained_new_modules
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 from .methods.base import ModuleAdapter
@@ -362,6 +362,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.check_known(adapter_name)
+        warn_residual_left(self.peft_config, [adapter_name] if adapter_name not in self.merged_adapters else [])
         for _, layer in adapted_layers(self.model):
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
@@ -454,6 +455,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
             self.merge_adapter(adapter_names)
         else:
             self.unmerge_adapter()
+        warn_residual_left(self.peft_config, [n for n in self.peft_config if n not in self.merged_adapters])
         for path, layer in list(adapted_layers(self.model)):
             set_submodule(self.model, path, layer.release())
         for path, wrapper in list(saved_module_wrappers(self.model)):

@@ -280,3 +280,34 @@ def test_combination_result_is_not_initialised_from_the_base():
     model.add_weighted_adapter(["default"], [0.5], "halved", combination_type="exact_linear")
     assert model.peft_config["halved"].init == "default"
     assert torch.equal(model.model.model.layers[0].self_attn.q_proj.base_layer.weight, residual)
+
+
+def test_bf16_base_gets_peft_s_bf16_residual_and_the_initial_factors_stay_fp32(tmp_path):
+    base = tiny_llama().to(torch.bfloat16)
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields), autocast_adapter_dtype=True)
+    ours = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(**fields))
+    for path, adapter in ours.adapter_layers("default"):
+        residual = ours.model.get_submodule(path).base_layer.weight
+        assert residual.dtype == torch.bfloat16
+        assert torch.equal(residual, peft_layer(theirs, path).base_layer.weight)
+        # PEFT stores the factors in the base's dtype (bf16-rounded, then upcast); ours stay fp32 (the invariant)
+        rounded = adapter.lora_A.detach().to(torch.bfloat16).float()
+        assert torch.equal(rounded, peft_layer(theirs, path).lora_A["default"].weight.float())
+    before = {path: adapter.initial_up.clone() for path, adapter in ours.adapter_layers("default")}
+    ours.half()
+    for path, adapter in ours.adapter_layers("default"):
+        assert adapter.initial_up.dtype == adapter.initial_down.dtype == torch.float32
+        assert torch.equal(adapter.initial_up, before[path])  # not rounded through fp16
+
+
+def test_merge_keeps_the_trained_weights_and_unmerged_removal_warns():
+    base, theirs, ours = both("llama", "olora")
+    train_both(theirs, ours)
+    trained = logits(ours)
+    merged = copy.deepcopy(ours).merge_and_unload()
+    torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match="leave the residual"):
+        copy.deepcopy(ours).unload()
+    with pytest.warns(UserWarning, match="leave the residual"):
+        ours.delete_adapter("default")

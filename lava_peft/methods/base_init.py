@@ -120,6 +120,14 @@ class InitialisedFromBase:
         self.register_buffer("initial_down", down, persistent=False)
         self._base_change_pending = True
 
+    def _apply(self, fn, recurse=True):
+        """``model.half()`` / ``.to(bf16)`` moves ``B₀, A₀`` but keeps their fp32 values (conversion needs them)."""
+        kept = {n: self._buffers[n] for n in ("initial_up", "initial_down") if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+        return self
+
     def take_base_change(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(B₀, A₀, s)`` to subtract from the base weight, once (then ``None``)."""
         if not getattr(self, "_base_change_pending", False):
