@@ -101,7 +101,8 @@ def check_loadable(config: AdapterConfig, source: str) -> bool:
     return True
 
 
-def explain_base_mismatch(exc: IncompatibleBaseModelError, config: AdapterConfig, source: str) -> AdapterFileError:
+def explain_base_mismatch(exc: IncompatibleBaseModelError, config: AdapterConfig,
+                          source: str) -> IncompatibleBaseModelError:
     return IncompatibleBaseModelError(
         f"{source} holds an unconverted init={config.init!r} adapter, which re-derives its residual from the "
         f"ORIGINAL base weights; this base differs from them ({exc}). If this model is the residual one (e.g. the "

@@ -172,6 +172,13 @@ def export_peft(
         ranks, alphas, use_rslora=config.use_rslora, dropout=config.dropout, fan_in_fan_out=fan_in_fan_out,
         saved=saved, base_model_name_or_path=base_model_name_or_path or config.base_model_name_or_path,
         task_type=config.task_type, use_dora=bool(getattr(config, "use_dora", False)))
+    init = getattr(config, "init", None)
+    if base_init_kind(init):  # PEFT re-derives the residual from the original base on load, as we do
+        if not reproducible_on_load(init):
+            raise LavaConfigError(f"adapter {name!r} is an unconverted {init!r} adapter, whose randomized residual "
+                                  "PEFT cannot recompute; save it with model.save_pretrained(dir, "
+                                  "convert_pissa_to_lora=True) (a plain LoRA folder PEFT reads)")
+        peft_config["init_lora_weights"] = init
     out = Path(save_directory)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} exists and is not a directory; choose another save_directory")

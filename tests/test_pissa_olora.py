@@ -311,3 +311,12 @@ def test_merge_keeps_the_trained_weights_and_unmerged_removal_warns():
         copy.deepcopy(ours).unload()
     with pytest.warns(UserWarning, match="leave the residual"):
         ours.delete_adapter("default")
+
+
+def test_export_peft_of_a_pissa_adapter_is_read_by_peft_on_the_original_base(tmp_path):
+    base, theirs, ours = both("gpt2", "pissa")
+    train_both(theirs, ours)
+    lp.export_peft(ours, str(tmp_path / "exported"))
+    assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "exported")
+    torch.testing.assert_close(logits(in_peft), logits(ours), atol=1e-6, rtol=0)
