@@ -101,13 +101,36 @@ def check_loadable(config: AdapterConfig, source: str) -> bool:
     return True
 
 
-def explain_base_mismatch(exc: IncompatibleBaseModelError, config: AdapterConfig,
-                          source: str) -> IncompatibleBaseModelError:
-    return IncompatibleBaseModelError(
-        f"{source} holds an unconverted init={config.init!r} adapter, which re-derives its residual from the "
-        f"ORIGINAL base weights; this base differs from them ({exc}). If this model is the residual one (e.g. the "
-        "model you trained it on, whose weights it already changed), load onto a fresh copy of the original base; "
-        "or convert the adapter to a plain LoRA when saving (convert_pissa_to_lora=True)")
+def check_original_base(model, fingerprint: dict, config: AdapterConfig, source: str) -> None:
+    """Refuse a base whose targeted weights are not the original ones an unconverted PiSSA / OLoRA adapter was
+    initialised from (sha256 of their bytes, recorded at initialisation), before anything changes.  A weight in
+    another dtype cannot be compared byte for byte: a warning says the re-derived residual then differs by rounding."""
+    recorded = fingerprint.get("weights") if isinstance(fingerprint, dict) else None
+    problems, other_dtype = [], []
+    for path in (fingerprint or {}).get("modules", {}):
+        found = model.get_submodule(path)
+        weight = (found.base_weight if isinstance(found, AdaptedLayer) and not found.merged_adapters
+                  else getattr(found, "base_layer", found).weight)
+        saved = (recorded or {}).get(path)
+        here = weight_digest(weight)
+        if not isinstance(saved, dict) or here is None:
+            problems.append(f"{path}: no recorded hash of its original weight to compare with")
+        elif here["dtype"] != saved.get("dtype"):
+            other_dtype.append(f"{path} ({here['dtype']} here, {saved.get('dtype')} at initialisation)")
+        elif here["sha256"] != saved.get("sha256"):
+            problems.append(f"{path}: its weight's bytes differ")
+    if problems:
+        raise IncompatibleBaseModelError(
+            f"{source} holds an unconverted init={config.init!r} adapter, which re-derives its residual from the "
+            f"ORIGINAL base weights; this base differs from them: {'; '.join(problems[:5])}. If this model is the "
+            "residual one (e.g. the model it was trained on, whose weights it already changed), load onto a fresh "
+            "copy of the original base; or convert the adapter to a plain LoRA when saving "
+            "(save_pretrained(..., convert_pissa_to_lora=True))")
+    if other_dtype:
+        warnings.warn(f"{source}: init={config.init!r} re-derives its residual from base weights in another dtype than "
+                      f"at initialisation ({'; '.join(other_dtype[:3])}): the outputs differ from the trained model's "
+                      "by that rounding. Load the base in the training dtype for exact outputs", UserWarning,
+                      stacklevel=3)
 
 
 def saved_base_note(config: AdapterConfig) -> dict:
@@ -202,5 +225,5 @@ def converted_peft_fields(fields: dict, use_rslora: bool) -> dict:
 
 
 __all__ = ["apply_base_change", "base_init_warnings", "check_loadable", "converted_config", "converted_peft_fields",
-           "converted_state", "explain_base_mismatch", "initial_factors_from_dir", "initial_factors_from_model",
+           "check_original_base", "converted_state", "initial_factors_from_dir", "initial_factors_from_model",
            "note_base_init", "saved_base_note", "warn_residual_left", "warn_unreloadable"]

@@ -25,16 +25,16 @@ from .adapter_files import (
 )
 from .base_init_files import (
     check_loadable,
+    check_original_base,
     converted_config,
     converted_peft_fields,
     converted_state,
-    explain_base_mismatch,
     initial_factors_from_dir,
     initial_factors_from_model,
     saved_base_note,
     warn_unreloadable,
 )
-from .errors import AdapterFileError, IncompatibleBaseModelError
+from .errors import AdapterFileError
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .inject import adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
@@ -273,12 +273,11 @@ class AdapterFiles:
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
         self.check_new_name(adapter_name)
-        from_base = check_loadable(config, str(directory))  # PiSSA / OLoRA: the original base, always hash-checked
-        try:
-            target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory),
-                                                  strict_base or from_base, issubclass(config.adapter_type(), ModuleAdapter))
-        except IncompatibleBaseModelError as exc:
-            raise (explain_base_mismatch(exc, config, str(directory)) if from_base else exc) from None
+        fingerprint = files.payload.get("base_model_fingerprint")
+        target_names = self.check_fingerprint(fingerprint, str(directory), strict_base,
+                                              issubclass(config.adapter_type(), ModuleAdapter))
+        if check_loadable(config, str(directory)):  # PiSSA / OLoRA: the original base weights, always checked
+            check_original_base(self.model, fingerprint, config, str(directory))
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config.replace(inference_mode=not is_trainable), target_names=target_names)
         expected: dict[str, torch.Tensor] = {}

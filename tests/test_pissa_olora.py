@@ -320,3 +320,12 @@ def test_export_peft_of_a_pissa_adapter_is_read_by_peft_on_the_original_base(tmp
     assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
     in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "exported")
     torch.testing.assert_close(logits(in_peft), logits(ours), atol=1e-6, rtol=0)
+
+
+def test_loading_onto_the_original_base_in_another_dtype_warns(tmp_path):
+    base, theirs, ours = both("llama", "pissa")
+    train_both(theirs, ours)
+    ours.save_pretrained(tmp_path / "ours")
+    with pytest.warns(UserWarning, match="another dtype"):
+        loaded = lp.PeftModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "ours")
+    torch.testing.assert_close(logits(loaded).float(), logits(ours), atol=0.05, rtol=0.05)  # bf16 rounding only
