@@ -153,3 +153,14 @@ def test_format_v2_shira_fixture_loads():
     assert torch.equal(logits(base, expected["ids"]), expected["base"])
     model = lp.AdaptedModel.from_pretrained(base, FIXTURE / "shira_bert")
     torch.testing.assert_close(logits(model, expected["ids"]), expected["adapted"], atol=1e-6, rtol=0)
+
+
+def test_training_checkpoint_in_peft_shira_layout_resumes(tmp_path):
+    from lava_peft.train.checkpoint import load_trainable, save_trainable
+
+    base, model = shira_model()
+    save_trainable(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["layout"] == "peft-shira"
+    fresh = lp.adapt(copy.deepcopy(base), lp.ShiraConfig(target_modules=["query", "value"], r=2, seed=5))
+    load_trainable(fresh, tmp_path)
+    assert torch.equal(logits(fresh.eval()), logits(model))
