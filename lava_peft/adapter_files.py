@@ -31,7 +31,8 @@ from ._version import __version__
 from .config import FORMAT_VERSION, AdapterConfig
 from .config_payload import config_from_payload
 from .errors import AdapterFileError
-from .peft_common import LORA_KEY, PREFIX, lora_factor_role
+from .methods.sparse import index_dtype
+from .peft_common import LORA_KEY, PREFIX, SHIRA_KEY, lora_factor_role, shira_flat_indices
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -91,9 +92,12 @@ class AdapterDirectory:
                     f"no adapter weights at {self.weights_path}; expected {WEIGHTS_NAME} next to {CONFIG_NAME}"
                 )
             tensors = tensors_from_bytes(self.weights_bytes, self.weights_path, allow_nonfinite=allow_nonfinite)
-            if self.config is not None and tensor_layout(self.payload, self.config_path) == LAYOUT_PEFT:
+            layout = tensor_layout(self.payload, self.config_path) if self.config is not None else LAYOUT_LAVA
+            if layout == LAYOUT_PEFT:
                 tensors = {lava_key(k, self.payload, self.weights_path): v.reshape(v.shape[0], -1)
                            if LORA_KEY.fullmatch(k[len(PREFIX):]) else v for k, v in tensors.items()}
+            elif layout == LAYOUT_PEFT_SHIRA:
+                tensors = shira_lava_tensors(tensors, self.payload, self.weights_path)
             self.tensors = tensors
         return self.tensors
 
@@ -149,9 +153,10 @@ def read_tensor_index(weights_path) -> tuple[dict[str, str], dict[str, tuple[lis
 
 
 def adapter_payload(config: AdapterConfig, fingerprint: dict, peft_fields: dict | None = None,
-                    peft_keys: dict[str, str] | None = None) -> dict:
+                    peft_keys: dict[str, str] | None = None, layout: str | None = None) -> dict:
     """The ``adapter_config.json`` content of a lava-peft adapter: ours only (``"lava-peft"`` layout), or PEFT's
-    config fields ``peft_fields`` plus ours (``"peft"`` layout, ``peft_keys``: PEFT tensor name -> ours)."""
+    config fields ``peft_fields`` plus ours (``"peft"`` layout, ``peft_keys``: PEFT tensor name -> ours; or
+    ``layout="peft-shira"``: PEFT's SHiRA keys, no ``peft_keys``)."""
     ours = {
         "library": "lava-peft",
         "library_version": __version__,
@@ -159,21 +164,26 @@ def adapter_payload(config: AdapterConfig, fingerprint: dict, peft_fields: dict 
         "method": config.method,
         "config": config.to_dict(),
         "base_model_fingerprint": fingerprint,
-        "layout": LAYOUT_LAVA if peft_fields is None else LAYOUT_PEFT,
+        "layout": layout or (LAYOUT_LAVA if peft_fields is None else LAYOUT_PEFT),
     }
     if peft_fields is None:
         return ours
-    return {**peft_fields, **ours, "peft_keys": dict(peft_keys)}
+    return {**peft_fields, **ours, **({"peft_keys": dict(peft_keys)} if peft_keys is not None else {})}
 
 
-LAYOUT_LAVA, LAYOUT_PEFT = "lava-peft", "peft"
+LAYOUT_LAVA, LAYOUT_PEFT, LAYOUT_PEFT_SHIRA = "lava-peft", "peft", "peft-shira"
+_LAYOUTS_SINCE = {LAYOUT_LAVA: 1, LAYOUT_PEFT: 2, LAYOUT_PEFT_SHIRA: 3}
+"""The format version that introduced each layout."""
 
 
 def tensor_layout(payload: dict, source) -> str:
-    """The key layout of a lava-peft folder's weights (format 1: always ``"lava-peft"``)."""
-    layout = payload.get("layout", LAYOUT_LAVA) if payload.get("format_version", 1) >= 2 else LAYOUT_LAVA
-    if layout not in (LAYOUT_LAVA, LAYOUT_PEFT):
-        raise AdapterFileError(f"{source}: layout must be {LAYOUT_LAVA!r} or {LAYOUT_PEFT!r}; got {layout!r}")
+    """The key layout of a lava-peft folder's weights (format 1: always ``"lava-peft"``; ``"peft"`` since format 2,
+    ``"peft-shira"`` since format 3)."""
+    version = payload.get("format_version", 1)
+    layout = payload.get("layout", LAYOUT_LAVA) if version >= 2 else LAYOUT_LAVA
+    if _LAYOUTS_SINCE.get(layout, FORMAT_VERSION + 1) > version:
+        known = [name for name, since in _LAYOUTS_SINCE.items() if since <= version]
+        raise AdapterFileError(f"{source}: layout must be one of {known} in format {version}; got {layout!r}")
     if layout == LAYOUT_PEFT:
         keys = payload.get("peft_keys")
         if not (isinstance(keys, dict) and set(keys) == {"lora_A", "lora_B"}
@@ -199,6 +209,27 @@ def lava_key(file_key: str, payload: dict, source) -> str:
         raise AdapterFileError(f"{source}: tensor {file_key!r} is neither a LoRA tensor nor part of a saved module")
     owner = max(owners, key=len)
     return saved_key(owner, rest[len(owner) + 1:])
+
+
+def shira_lava_tensors(tensors: dict[str, torch.Tensor], payload: dict, source) -> dict[str, torch.Tensor]:
+    """A ``"peft-shira"`` file's tensors in the ``"lava-peft"`` layout: per module ``<path>.sparse_values`` (PEFT's
+    ``shira_weight``) and ``<path>.sparse_indices`` (the flat row-major indices of PEFT's (row, column) pairs,
+    with the weight's ``in`` size from the fingerprint, in the adapter's index dtype)."""
+    shapes = (payload.get("base_model_fingerprint") or {}).get("modules") or {}
+    out = {}
+    for key, value in tensors.items():
+        match = SHIRA_KEY.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        shape = shapes.get(match.group(1)) if match else None
+        if match is None or not (isinstance(shape, list) and len(shape) == 2):
+            raise AdapterFileError(f"{source}: key {key!r} is not a PEFT SHiRA tensor of a module in the fingerprint")
+        path, name = match.groups()
+        if name == "shira_weight":
+            out[f"{path}.sparse_values"] = value
+        elif value.dim() != 2 or value.shape[0] != 2 or value.is_floating_point():
+            raise AdapterFileError(f"{source}: {key} must be (2, nnz) integer (row, column) pairs; got {tuple(value.shape)}")
+        else:
+            out[f"{path}.sparse_indices"] = shira_flat_indices(value, shape[1]).to(index_dtype(shape[0] * shape[1]))
+    return out
 
 
 def adapter_metadata(config: AdapterConfig) -> dict[str, str]:
@@ -247,6 +278,7 @@ __all__ = [
     "CONFIG_NAME",
     "SAVED_MARKER",
     "WEIGHTS_NAME",
+    "LAYOUT_PEFT_SHIRA",
     "adapter_metadata",
     "adapter_payload",
     "lava_key",

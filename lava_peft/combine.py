@@ -74,6 +74,7 @@ from .combine_math import combine_dense, cp_als
 from .config import AdapterConfig, config_class, registered_methods
 from .errors import LavaConfigError
 from .inject import adapted_layers, saved_module_wrappers
+from .methods.base_init import base_init_kind
 from .methods.factors import (FactorCodec, Factors, SparseCodec, _CODECS, _SPARSE_CODECS, adapter_factors, factor_codec,
                               method_of, register_factor_codec, register_sparse_codec, to_native)
 
@@ -413,6 +414,8 @@ def _result_config(method: str, input_configs: list[AdapterConfig], layers, rank
     )
     base = next((c for c in input_configs if isinstance(c, cls)), None)
     if base is not None:
+        if base_init_kind(getattr(base, "init", None)):  # the result is built, not initialised from the base
+            fields["init"] = cls.__dataclass_fields__["init"].default
         return dataclasses.replace(base, **fields)
     return cls(**fields)
 

@@ -23,10 +23,12 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from .errors import AdapterFileError, AdapterNameError, LavaConfigError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the on-disk adapter format (``adapter_config.json`` / safetensors layout).  2: adapters PEFT can
 represent are written in HF PEFT's key layout with PEFT's config fields (``layout: "peft"``); the
-PEFT-named config fields (task_type, ...) exist; pattern keys follow PEFT's first-match rule."""
+PEFT-named config fields (task_type, ...) exist; pattern keys follow PEFT's first-match rule.  3: SHiRA
+adapters PEFT computes identically are written in PEFT's SHiRA layout (``layout: "peft-shira"``); LoRA/LAVA
+``init`` may be ``"pissa"``/``"olora"`` (the folder is loaded onto the original base)."""
 
 _REGISTRY: dict[str, tuple[type["AdapterConfig"], type]] = {}
 
@@ -128,6 +130,23 @@ PEFT_INIT_FIELD = "init_lora_weights"
 a non-zero increment at the start)."""
 
 
+UNAVAILABLE_PEFT_INITS: dict[str, str] = {
+    "eva": "EVA initialises A from an SVD of each layer's inputs over a data loader (peft's "
+           "initialize_lora_eva_weights); lava-peft has no data-driven initialisation step. Train with the default "
+           "init, or initialise with peft and import the trained adapter (lp.import_peft: an EVA adapter is a plain LoRA)",
+    "loftq": "LoftQ alternates quantization of the base weight (bitsandbytes NF4/int8) with an SVD of the "
+             "quantization error; it needs bitsandbytes-quantized layers, which lava-peft's adapters do not wrap",
+    "corda": "CorDA needs peft's preprocess_corda (covariance of layer inputs over calibration data) before the "
+             "adapter is built; lava-peft has no such step. Use init_lora_weights='pissa' (data-free) instead",
+    "lora_ga": "LoRA-GA needs gradients collected by peft's preprocess_loraga before the adapter is built",
+    "mica": "MiCA freezes lora_B during training, a training rule lava-peft's adapters do not have",
+    "orthogonal": "PEFT's 'orthogonal' init starts with a non-zero increment; use LAVA's init='orthogonal' "
+                  "(orthonormal U, V = 0) or the default",
+}
+"""PEFT ``init_lora_weights`` values no config here accepts, with the reason (named in the error); PiSSA and OLoRA
+(``"pissa"``, ``"pissa_niter_<K>"``, ``"olora"``) are LoRA/LAVA inits: :mod:`lava_peft.methods.base_init`."""
+
+
 def resolve_peft_names(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with HF PEFT's field names turned into ours (:data:`PEFT_RENAMED_FIELDS`,
     :data:`PEFT_CHECKED_FIELDS`, :data:`PEFT_INIT_FIELD`); raises :class:`LavaConfigError` for a value
@@ -153,6 +172,9 @@ def resolve_peft_names(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
                 "debugging) is not supported; use True (the default) or 'gaussian'"
             )
         if isinstance(init, str):
+            if init.lower() in UNAVAILABLE_PEFT_INITS:
+                raise LavaConfigError(f"{cls.__name__}: init_lora_weights={init!r} is not available: "
+                                      f"{UNAVAILABLE_PEFT_INITS[init.lower()]}")
             if "init" not in {f.name for f in dataclasses.fields(cls)} or "init" in out:
                 raise LavaConfigError(f"{cls.__name__}: init_lora_weights={init!r} is not supported by this method")
             out["init"] = init
@@ -170,9 +192,7 @@ class _AcceptsPeftNames(type):
             try:
                 return super().__call__(*args, **renamed)
             except LavaConfigError as exc:
-                pending = str(renamed["init"]).lower().startswith(("pissa", "olora"))
-                raise LavaConfigError(f"init_lora_weights={renamed['init']!r}: {exc}" + (
-                    " (PiSSA/OLoRA initialisation is not available in this lava-peft yet)" if pending else "")) from None
+                raise LavaConfigError(f"init_lora_weights={renamed['init']!r}: {exc}") from None
         return super().__call__(*args, **renamed)
 
 

@@ -85,7 +85,8 @@ def base_fingerprint(model: nn.Module, adapter_name: str) -> dict:
     merged without a backup: its original bytes are gone; module targets: :func:`module_digest`)."""
     layers = [(path, layer) for path, layer in adapted_layers(model) if adapter_name in layer.adapters]
     shapes = {path: layer.fingerprint_shape() for path, layer in layers}
-    weights = {path: _host_digest(layer) for path, layer in layers}
+    weights = {path: getattr(layer.adapters[adapter_name], "original_base_digest", None) or _host_digest(layer)
+               for path, layer in layers}  # PiSSA / OLoRA: the weight before it became the residual
     return fingerprint(shapes, weights)
 
 

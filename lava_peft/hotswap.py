@@ -47,6 +47,7 @@ from .inject import adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
 from .layers import AdaptedLayer, layer_ops
 from .methods.base import ModuleAdapter
+from .methods.base_init import base_init_kind
 from .module_layers import module_spec
 
 
@@ -54,6 +55,11 @@ def load_off_model(model, model_id: str) -> tuple:
     """``(config, {path: adapter module}, tensors)`` for a saved adapter, built off-model and checked."""
     files = read_adapter_dir(model_id, load_tensors=False)
     config, directory = files.config, files.directory
+    if base_init_kind(getattr(config, "init", None)):
+        raise AdapterFileError(
+            f"{directory} holds an unconverted init={config.init!r} adapter, which needs its own residual base "
+            "weights; a hot-swap changes adapter tensors only. Save it with convert_pissa_to_lora=True (a plain LoRA "
+            "on the original base) and hot-swap that")
     cls = config.adapter_type()
     module_kind = issubclass(cls, ModuleAdapter)  # the second kind: built from the module's spec
     paths = model.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory),

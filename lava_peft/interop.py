@@ -53,6 +53,7 @@ from .errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigErro
 from .inject import adapted_layers, saved_module_wrappers
 from .peft_common import LORA_KEY, PREFIX, base_layer_at, lora_config_fields, lora_tensors  # noqa: F401
 from .adapter_files import WEIGHTS_NAME, read_adapter_dir, write_adapter_dir
+from .methods.base_init import base_init_kind, reproducible_on_load
 from .layers import ConvOps, EmbeddingOps, GPT2Conv1DOps, SavedModuleWrapper, layer_ops
 
 
@@ -62,7 +63,7 @@ _UNSUPPORTED_FLAGS = (
     "trainable_token_indices", "arrow_config", "velora_config", "kasa_config", "monteclora_config",
     "use_bdlora", "use_qalora", "lora_ga_config",
 )
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "eva", "loftq", "orthogonal")
+_BASE_CHANGING_INITS = ("corda", "loftq")  # PiSSA / OLoRA are re-derived from the base; EVA/orthogonal leave it
 
 
 # =============================================================================== export
@@ -171,6 +172,13 @@ def export_peft(
         ranks, alphas, use_rslora=config.use_rslora, dropout=config.dropout, fan_in_fan_out=fan_in_fan_out,
         saved=saved, base_model_name_or_path=base_model_name_or_path or config.base_model_name_or_path,
         task_type=config.task_type, use_dora=bool(getattr(config, "use_dora", False)))
+    init = getattr(config, "init", None)
+    if base_init_kind(init):  # PEFT re-derives the residual from the original base on load, as we do
+        if not reproducible_on_load(init):
+            raise LavaConfigError(f"adapter {name!r} is an unconverted {init!r} adapter, whose randomized residual "
+                                  "PEFT cannot recompute; save it with model.save_pretrained(dir, "
+                                  "convert_pissa_to_lora=True) (a plain LoRA folder PEFT reads)")
+        peft_config["init_lora_weights"] = init
     out = Path(save_directory)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} exists and is not a directory; choose another save_directory")
@@ -196,8 +204,11 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
     activated; its outputs equal ``peft.PeftModel.from_pretrained(base, model_id)``'s.
     DoRA adapters (``use_dora``) import as ``LoraConfig(use_dora=True)``.
     Refuses (before touching the model) non-LoRA PEFT types, lora_bias / other
-    variants that change the forward, initialisations that modify the base weights
-    (PiSSA, OLoRA, ...), pickle weights, and grouped / dilated convs.
+    variants that change the forward, CorDA / LoftQ (base weights changed from data / by quantization),
+    an unconverted ``pissa_niter_<K>`` adapter (its randomized residual cannot be recomputed), pickle
+    weights, and grouped / dilated convs.  An unconverted PiSSA / OLoRA adapter is imported as PEFT loads
+    it: onto the original base, whose weights become the residual re-derived from them (PEFT's files
+    carry no base hashes, so the base cannot be checked: pass the original model, not the residual).
     """
     from .methods.lora import LoraConfig
     from .model import AdaptedModel
@@ -218,7 +229,13 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         bad.append(f"bias={cfg['bias']!r}")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        bad.append(f"init_lora_weights={init!r} (changes the base weights)")
+        bad.append(f"init_lora_weights={init!r} (changes the base weights from data or quantization)")
+    base_init = init if base_init_kind(init) else "default"
+    if base_init != "default" and not reproducible_on_load(init):
+        raise AdapterFileError(
+            f"{directory}: an unconverted PEFT {init!r} adapter cannot be imported: its base weights were replaced by "
+            "a residual from a randomized SVD that cannot be recomputed identically. Convert it with PEFT first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=<folder saved after init>)) and import that")
     if bad:
         raise AdapterFileError(f"{directory}: PEFT LoRA features {bad} are not supported by import_peft")
     if files.weights_bytes is None:
@@ -299,6 +316,7 @@ def import_peft(model, model_id: str, adapter_name: str = "default", is_trainabl
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(cfg.get("use_rslora", False)),
         use_dora=bool(cfg.get("use_dora", False)),
+        init=base_init,  # PiSSA / OLoRA: re-derived from this (original) base, which becomes the residual, as in PEFT
     )
     plan = wrapped.plan(adapter_name, config, target_names=list(ranks))
     with torch.no_grad():

@@ -30,6 +30,7 @@ from .inject import (
     set_submodule,
 )
 from .model_files import AdapterFiles
+from .base_init_files import apply_base_change, base_init_warnings, note_base_init, warn_residual_left
 from .targets import resolve_for_model, untrained_new_modules
 from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
 from .methods.base import ModuleAdapter
@@ -259,9 +260,12 @@ class AdaptedModel(AdapterFiles, nn.Module):
                 adapter_cls.check_layer(spec, config, path)
                 adapter = adapter_cls.for_layer(spec, config, path)
                 adapter.init_from_base(layer_ops(base).to_base_layout(base.weight))
+                if adapter.initial_factors() is not None:
+                    note_base_init(adapter, found, base, path)
             plan.layers.append((path, found, adapter))
         for path, found in find_modules_to_save(self.model, config.modules_to_save):
             plan.saved.append((path, found))
+        plan.warnings.extend(base_init_warnings(name, config, self.peft_config))
         if target_names is None:
             for module in untrained_new_modules(self.model, [p for p, _, _ in plan.layers], [p for p, _ in plan.saved]):
                 plan.warnings.append(
@@ -283,6 +287,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
                 set_submodule(self.model, path, layer)
                 move_host(found, layer)  # module adapters on the layer keep their hook and path
             layer.add(plan.name, adapter)
+            apply_base_change(layer, adapter)
         for path, found in plan.saved:
             wrapper = found
             if not isinstance(found, SavedModuleWrapper):
@@ -357,6 +362,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.check_known(adapter_name)
+        warn_residual_left(self.peft_config, [adapter_name] if adapter_name not in self.merged_adapters else [])
         for _, layer in adapted_layers(self.model):
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
@@ -449,6 +455,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
             self.merge_adapter(adapter_names)
         else:
             self.unmerge_adapter()
+        warn_residual_left(self.peft_config, [n for n in self.peft_config if n not in self.merged_adapters])
         for path, layer in list(adapted_layers(self.model)):
             set_submodule(self.model, path, layer.release())
         for path, wrapper in list(saved_module_wrappers(self.model)):

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .adapter_files import (
+    LAYOUT_PEFT_SHIRA,
     adapter_metadata,
     adapter_payload,
     lava_key,
@@ -22,14 +23,26 @@ from .adapter_files import (
     split_saved_key,
     write_adapter_dir,
 )
+from .base_init_files import (
+    check_loadable,
+    check_original_base,
+    converted_config,
+    converted_peft_fields,
+    converted_state,
+    initial_factors_from_dir,
+    initial_factors_from_model,
+    saved_base_note,
+    warn_unreloadable,
+)
 from .errors import AdapterFileError
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .inject import adapted_layers, saved_module_wrappers
 from .io import check_tensors_match
-from .layers import ConvOps, GPT2Conv1DOps, SavedModuleWrapper
+from .layers import ConvOps, GPT2Conv1DOps, LinearOps, SavedModuleWrapper
 from .methods.base import ModuleAdapter
 from .methods.factors import factor_codec
-from .peft_common import LORA_KEY, PREFIX, conv_matches_peft, lora_config_fields, lora_tensors
+from .peft_common import (LORA_KEY, PREFIX, SHIRA_KEY, conv_matches_peft, lora_config_fields, lora_tensors,
+                          shira_config_fields, shira_flat_indices, shira_tensors)
 
 
 class AdapterFiles:
@@ -91,7 +104,45 @@ class AdapterFiles:
         fields = lora_config_fields(ranks, alphas, use_rslora=config.use_rslora, dropout=config.dropout,
                                     fan_in_fan_out=fan_in_fan_out, saved=saved,
                                     base_model_name_or_path=config.base_model_name_or_path, task_type=config.task_type)
+        if saved_base_note(config):  # PiSSA / OLoRA: PEFT re-derives the residual on load, as we do
+            fields["init_lora_weights"] = config.init
         return keys, fields
+
+    def peft_shira_layout(self, adapter_name: str, scaled: bool = False) -> tuple[dict | None, str | None]:
+        """``(PEFT SHiRA config fields, None)`` when HF PEFT's SHiRA computes adapter ``adapter_name`` exactly, else
+        ``(None, why)``.  Exact means: a ``"shira"`` adapter on ``nn.Linear`` layers only, each with PEFT's budget
+        ``r·(O + I)`` for one ``r``, no ``modules_to_save``; and, unless ``scaled`` (an export, where ``α`` is folded
+        into PEFT's values), ``α = 1`` on every layer, so that the file's values are ours bit for bit."""
+        config = self.peft_config[adapter_name]
+        if config.method != "shira":
+            return None, f"adapter {adapter_name!r} is a {config.method!r} adapter, not SHiRA"
+        if config.modules_to_save:
+            return None, f"adapter {adapter_name!r} has modules_to_save {config.modules_to_save}; PEFT SHiRA has none"
+        ranks = {}
+        for path, layer in adapted_layers(self.model):
+            if adapter_name not in layer.adapters:
+                continue
+            if type(layer.ops) is not LinearOps or type(layer.base_layer) is not torch.nn.Linear:
+                return None, f"{path} is a {type(layer.base_layer).__name__}; PEFT SHiRA adapts nn.Linear only"
+            per_rank = layer.spec.out_dim + layer.spec.in_dim
+            count = layer.adapters[adapter_name].sparse_indices.numel()
+            if count % per_rank:
+                return None, f"{path} has {count} entries, not r·(O + I) = r·{per_rank}; PEFT SHiRA sizes every layer by r"
+            if not scaled and layer.adapters[adapter_name].scale != 1.0:
+                return None, f"{path} has alpha {layer.adapters[adapter_name].scale}; PEFT SHiRA has no scale"
+            ranks[path] = count // per_rank
+        if len(set(ranks.values())) != 1:
+            return None, (f"adapter {adapter_name!r} has per-layer budgets (r = {sorted(set(ranks.values()))}); PEFT "
+                          "SHiRA has one r for every layer")
+        return shira_config_fields(ranks, config.seed, config.base_model_name_or_path, config.task_type), None
+
+    def _to_peft_shira_keys(self, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for path, layer in adapted_layers(self.model):
+            if adapter_name in layer.adapters:
+                indices, values = state.pop(f"{path}.sparse_indices"), state.pop(f"{path}.sparse_values")
+                out.update(shira_tensors(path, layer.spec.in_dim, indices, values))
+        return out
 
     def _to_peft_keys(self, adapter_name: str, state: dict[str, torch.Tensor], keys: dict[str, str]) -> dict:
         out = {}
@@ -110,6 +161,8 @@ class AdapterFiles:
         name = adapter_name or self.active_adapter
         state = self.adapter_state_dict(name)
         layout = self.peft_layout(name)
+        if layout is None and self.peft_shira_layout(name)[0] is not None:
+            return self._to_peft_shira_keys(name, state)
         return state if layout is None else self._to_peft_keys(name, state, layout[0])
 
     def load_adapter_file_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -118,7 +171,9 @@ class AdapterFiles:
         self.check_known(adapter_name)
         tensors = dict(tensors)
         layout = self.peft_layout(adapter_name)
-        if layout is not None and any(k.startswith(PREFIX) for k in tensors):
+        if any(SHIRA_KEY.fullmatch(k[len(PREFIX):]) for k in tensors if k.startswith(PREFIX)):
+            tensors = shira_state_from_peft(self, adapter_name, tensors)
+        elif layout is not None and any(k.startswith(PREFIX) for k in tensors):
             payload = {"peft_keys": layout[0], "modules_to_save": layout[1]["modules_to_save"]}
             tensors = {lava_key(k, payload, "the state dict"): v.reshape(v.shape[0], -1)
                        if LORA_KEY.fullmatch(k[len(PREFIX):]) else v for k, v in tensors.items()}
@@ -131,7 +186,8 @@ class AdapterFiles:
 
     def save_pretrained(self, save_directory: str, adapter_name: str | Sequence[str] | None = None,
                         is_main_process: bool | None = None, *, selected_adapters: Sequence[str] | None = None,
-                        safe_serialization: bool = True) -> None:
+                        safe_serialization: bool = True, convert_pissa_to_lora: bool = False,
+                        path_initial_model_for_weight_conversion: str | None = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically).
 
         ``adapter_name=None`` saves every adapter: ``"default"`` in ``save_directory``
@@ -143,6 +199,12 @@ class AdapterFiles:
         Distributed training: call it on every rank; only the main process writes
         (``is_main_process``; default: rank 0 when ``torch.distributed`` is initialized).
         Every rank takes part in gathering FSDP-sharded adapters.
+
+        A PiSSA / OLoRA adapter (``init="pissa"``, ...) is saved as it is (to be loaded onto the original base,
+        which loading turns into the residual again, as in PEFT), or converted to a plain rank-``2r`` LoRA on the
+        original base (:mod:`lava_peft.base_init_files`): ``convert_pissa_to_lora=True`` uses the initial factors
+        the adapter kept, ``path_initial_model_for_weight_conversion`` (PEFT's keyword) reads them from the folder
+        saved right after initialisation.
         """
         if is_main_process is None:
             dist = torch.distributed
@@ -164,17 +226,32 @@ class AdapterFiles:
         else:
             names = self.check_known(adapter_name)
             targets = {n: Path(save_directory) if len(names) == 1 else Path(save_directory) / n for n in names}
+        convert = convert_pissa_to_lora or path_initial_model_for_weight_conversion is not None
         for name, directory in targets.items():
             if directory.exists() and not directory.is_dir():
                 raise AdapterFileError(f"{directory} exists and is not a directory; choose another save_directory")
             config = self.peft_config[name]
             state = self.adapter_state_dict(name)  # on every rank: gathering sharded tensors is collective
             layout = self.peft_layout(name)
-            if layout is None:
+            if convert:
+                layers = self.adapter_layers(name)
+                initial = (initial_factors_from_model(layers, name) if path_initial_model_for_weight_conversion is None
+                           else initial_factors_from_dir(path_initial_model_for_weight_conversion, layers))
+                state = converted_state(layers, state, initial)
+                layout = None if layout is None else (layout[0], converted_peft_fields(layout[1], config.use_rslora))
+                config = converted_config(config)
+            else:
+                warn_unreloadable(config, directory)
+            shira_fields = self.peft_shira_layout(name)[0] if layout is None else None
+            if shira_fields is not None:  # PEFT's SHiRA layout (format 3)
+                payload = adapter_payload(config, self.base_fingerprint(name), shira_fields, layout=LAYOUT_PEFT_SHIRA)
+                state = self._to_peft_shira_keys(name, state)
+            elif layout is None:
                 payload = adapter_payload(config, self.base_fingerprint(name))
             else:
                 payload = adapter_payload(config, self.base_fingerprint(name), layout[1], layout[0])
                 state = self._to_peft_keys(name, state, layout[0])
+            payload.update(saved_base_note(config))
             if is_main_process:
                 write_adapter_dir(directory, payload, state, adapter_metadata(config))
 
@@ -196,8 +273,11 @@ class AdapterFiles:
         files = read_adapter_dir(model_id, load_tensors=False)
         directory, config = files.directory, files.config
         self.check_new_name(adapter_name)
-        target_names = self.check_fingerprint(files.payload.get("base_model_fingerprint"), str(directory), strict_base,
+        fingerprint = files.payload.get("base_model_fingerprint")
+        target_names = self.check_fingerprint(fingerprint, str(directory), strict_base,
                                               issubclass(config.adapter_type(), ModuleAdapter))
+        if check_loadable(config, str(directory)):  # PiSSA / OLoRA: the original base weights, always checked
+            check_original_base(self.model, fingerprint, config, str(directory))
         tensors = files.read_tensors(allow_nonfinite)
         plan = self.plan(adapter_name, config.replace(inference_mode=not is_trainable), target_names=target_names)
         expected: dict[str, torch.Tensor] = {}
@@ -232,6 +312,24 @@ class AdapterFiles:
             if adapter_name in wrapper.copies:
                 copy = wrapper.copies[adapter_name]
                 copy.load_state_dict({k: tensors[saved_key(path, k)] for k in copy.state_dict()})
+
+
+def shira_state_from_peft(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in PEFT's SHiRA keys -> ours (``<path>.sparse_indices`` sorted flat indices in the adapter's
+    dtype, ``<path>.sparse_values``); other keys pass unchanged (then checked by the caller)."""
+    out = {}
+    layers = dict(model.adapter_layers(adapter_name))
+    for key, value in tensors.items():
+        match = SHIRA_KEY.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        if match is None or match.group(1) not in layers:
+            out[key] = value
+        elif match.group(2) == "shira_indices":
+            adapter = layers[match.group(1)]
+            out[f"{match.group(1)}.sparse_indices"] = shira_flat_indices(value, adapter.spec.in_dim).to(
+                adapter.sparse_indices.dtype)
+        else:
+            out[f"{match.group(1)}.sparse_values"] = value
+    return out
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:

@@ -83,5 +83,42 @@ def lora_config_fields(ranks: dict[str, int], alphas: dict[str, float], *, use_r
     }
 
 
-__all__ = ["LORA_KEY", "PREFIX", "base_layer_at", "conv_matches_peft", "lora_config_fields", "lora_factor_role",
+SHIRA_KEY = re.compile(r"(.+)\.(shira_weight|shira_indices)")
+"""A PEFT SHiRA tensor key without :data:`PREFIX`: ``(module path, tensor name)``."""
+
+
+def shira_tensors(path: str, in_dim: int, flat: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PEFT's SHiRA tensors of one ``nn.Linear`` whose increment has ``values`` at the flat (row-major) indices
+    ``flat`` of the ``(O, I)`` weight: ``shira_weight`` (the values, scale folded in) and ``shira_indices``
+    ``(2, nnz)`` int32 (row, column) pairs, in the order of ``flat``."""
+    flat = flat.long().cpu()
+    return {f"{PREFIX}{path}.shira_weight": values.detach().float().cpu().contiguous(),
+            f"{PREFIX}{path}.shira_indices": torch.stack([flat // in_dim, flat % in_dim]).to(torch.int32).contiguous()}
+
+
+def shira_flat_indices(pairs: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """The flat (row-major) indices of PEFT's ``(2, nnz)`` (row, column) pairs, in the same order (int64)."""
+    return pairs[0].long() * in_dim + pairs[1].long()
+
+
+def shira_config_fields(ranks: dict[str, int], seed: int, base_model_name_or_path: str | None = None,
+                        task_type: str | None = None) -> dict:
+    """A HF PEFT ``ShiraConfig`` dict for modules ``ranks`` (one ``r`` for all: PEFT's budget ``r·(O + I)``).
+    ``mask_type="random"``: PEFT builds a random mask on load and then loads the saved indices over it."""
+    return {
+        "peft_type": "SHIRA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": next(iter(ranks.values())),
+        "mask_type": "random",
+        "random_seed": seed,
+        "target_modules": "(?:" + "|".join(re.escape(p) for p in ranks) + ")",
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "modules_to_save": None,
+    }
+
+
+__all__ = ["LORA_KEY", "SHIRA_KEY", "shira_config_fields", "shira_flat_indices", "shira_tensors", "PREFIX", "base_layer_at", "conv_matches_peft", "lora_config_fields", "lora_factor_role",
            "lora_tensors"]

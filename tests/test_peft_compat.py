@@ -63,7 +63,7 @@ def test_peft_config_names_are_aliases_and_refusals_are_clear():
     assert cfg.target_modules == ["query", "value"] and "lora_alpha" not in cfg.to_dict()  # ours stay canonical
     for bad, message in [(dict(bias="all"), "bias='all' is not supported"),
                          (dict(init_lora_weights=False), "init_lora_weights=False"),
-                         (dict(init_lora_weights="pissa"), "PiSSA/OLoRA initialisation is not available"),
+                         (dict(init_lora_weights="loftq"), "bitsandbytes"),
                          (dict(alpha=2, lora_alpha=2), "not both"),
                          (dict(target_modules="q", layers_to_transform=[0]), "need target_modules as a list"),
                          (dict(layers_pattern="layers"), "layers_pattern needs layers_to_transform"),
@@ -269,7 +269,7 @@ def test_native_files_for_peft_representable_adapters_only(tmp_path):
         model.save_pretrained(folder)
         payload = json.loads((folder / "adapter_config.json").read_text())
         keys = sorted(load_file(folder / "adapter_model.safetensors"))
-        assert payload["format_version"] == 2 and payload["layout"] == ("peft" if native else "lava-peft"), name
+        assert payload["format_version"] == 3 and payload["layout"] == ("peft" if native else "lava-peft"), name
         assert all(k.startswith("base_model.model.") for k in keys) == native, name
         with torch.no_grad():
             expected = run(model)

@@ -343,7 +343,7 @@ def test_save_load_is_exact_including_indices(tmp_path):
     ],
 )
 def test_corrupt_index_buffer_in_a_file_is_refused(tmp_path, corrupt, match):
-    model, pristine, _ = _build("linear", r=1)
+    model, pristine, _ = _build("linear", r=1, alpha=2.0)  # α ≠ 1: our key layout (PEFT's SHiRA has no scale)
     model.save_pretrained(tmp_path)
     drop_manifest(tmp_path)  # a hand-edited folder: the index checks themselves must refuse it
     path = tmp_path / "adapter_model.safetensors"

@@ -32,8 +32,11 @@ def inspect_adapter(path: str) -> dict:
     fp_modules = sorted((payload.get("base_model_fingerprint") or {}).get("modules", {}), key=len, reverse=True)
     total_params = tensor_bytes = n_tensors = 0
     metadata, index = read_tensor_index(weights)
-    if payload.get("method") and tensor_layout(payload, directory) == "peft":  # HF PEFT key names in the file
+    layout = tensor_layout(payload, directory) if payload.get("method") else None
+    if layout == "peft":  # HF PEFT key names in the file
         index = {lava_key(k, payload, weights): v for k, v in index.items()}
+    elif layout == "peft-shira":  # PEFT's SHiRA keys: base_model.model.<path>.shira_weight / shira_indices
+        index = {k.removeprefix("base_model.model."): v for k, v in index.items()}
     for key, (shape, dtype) in index.items():
         numel = 1
         for d in shape:

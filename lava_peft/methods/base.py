@@ -167,6 +167,15 @@ class DeltaAdapter(nn.Module):
         """Called once when the adapter is planned, with the frozen base weight in the canonical layout
         (read only); e.g. DoRA's magnitude ``‖W0‖_c``.  Default: nothing."""
 
+    def take_base_change(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(up, down, s)`` whose product ``s·up@down`` the model's ``commit`` subtracts from the base weight,
+        once (PiSSA / OLoRA: :mod:`lava_peft.methods.base_init`), else ``None`` (the default: the base stays)."""
+        return None
+
+    def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(B₀, A₀)`` of an adapter initialised from the base weight (PiSSA / OLoRA), else ``None``."""
+        return None
+
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
 

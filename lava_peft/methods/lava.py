@@ -45,6 +45,7 @@ from .factors import FactorCodec, Factors, is_tucker_modes, register_factor_code
 from .cp_conv import choose_conv_path, cp_conv_separable
 from . import tucker_conv as tucker
 from .dora import WeightDecomposed
+from .base_init import InitialisedFromBase, base_init_kind, check_base_init
 
 
 @dataclass
@@ -97,8 +98,10 @@ class LavaConfig(AdapterConfig):
             raise LavaConfigError(f"orth_lambda must be >= 0; got {self.orth_lambda}")
         if self.orth_factors not in ("out", "in", "all"):
             raise LavaConfigError(f"orth_factors must be 'out', 'in' or 'all'; got {self.orth_factors!r}")
-        if self.init not in ("orthogonal", "lora"):
-            raise LavaConfigError(f"LavaConfig.init must be 'orthogonal' or 'lora'; got {self.init!r}")
+        check_base_init("LavaConfig", self.init, self.use_dora)
+        if self.init not in ("orthogonal", "lora") and not base_init_kind(self.init):
+            raise LavaConfigError(f"LavaConfig.init must be 'orthogonal', 'lora', 'pissa', 'pissa_niter_<K>' or 'olora'; "
+                                  f"got {self.init!r}")
         if self.spatial_init not in ("gaussian", "uniform"):
             raise LavaConfigError(f"spatial_init must be 'gaussian' or 'uniform'; got {self.spatial_init!r}")
         if self.factorization not in ("cp", "tucker"):
@@ -151,9 +154,10 @@ def cp_einsum_equation(n_spatial: int) -> str:
     return f"{factors}->oi{''.join(letters)}"
 
 
-class LavaAdapter(DeltaAdapter):
+class LavaAdapter(InitialisedFromBase, DeltaAdapter):
     def __init__(self, spec: LayerSpec, config: LavaConfig, module_name: str):
         super().__init__(spec, config, module_name)
+        self.base_init = base_init_kind(getattr(config, "init", None)) and config.init
         r, O, I = self.r, spec.out_dim, spec.in_dim
         self.orth_factors = config.orth_factors
         self.tucker = spec.kind == "conv" and getattr(config, "factorization", "cp") == "tucker"
@@ -165,6 +169,8 @@ class LavaAdapter(DeltaAdapter):
             self.lava_U = nn.Parameter(torch.zeros(O, r_out))
             self.lava_V = nn.Parameter(torch.empty(r_in, I))
             nn.init.kaiming_uniform_(self.lava_V, a=math.sqrt(5))
+            if self.base_init:  # replaced by init_from_base (PiSSA / OLoRA); draw what PEFT draws
+                self.draw_like_peft_up()
         self.lava_P = nn.ParameterList()
         if self.tucker:  # Tucker-2: a dense (r_o, r_i, K…) core instead of the spatial factors
             self.lava_core = nn.Parameter(tucker.tucker_core_init(r_out, r_in, spec.kernel_size))
@@ -193,6 +199,7 @@ class LavaAdapter(DeltaAdapter):
 
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
+        cls.check_base_init_layer(spec, config, module_name)
         r = config.rank_for(module_name)
         tucker_conv = spec.kind == "conv" and getattr(config, "factorization", "cp") == "tucker"
         limit = tucker.tucker_max_rank(spec) if tucker_conv else cls.max_rank_for(spec)
@@ -210,6 +217,9 @@ class LavaAdapter(DeltaAdapter):
         if self.tucker:
             return self.lava_U, [self.lava_V, self.lava_core], self.scale
         return self.lava_U, [self.lava_V, *self.lava_P], self.scale
+
+    def matrix_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lava_U, self.lava_V
 
     def delta_from_factors(self, up: torch.Tensor, modes: list[torch.Tensor], scale: float) -> torch.Tensor:
         """``ΔW`` of factors ``U (O, b)``, ``[V (b, I), P_k (b, K_k)]`` (the LoRA form on matrices, CP on convs),

@@ -26,6 +26,7 @@ from .factors import FactorCodec, Factors, register_factor_codec
 from .base import DeltaAdapter, _dropout_active, lowrank_factors, lowrank_forward
 from .cp_conv import choose_conv_path, lowrank_conv_factored
 from .dora import WeightDecomposed
+from .base_init import InitialisedFromBase, check_base_init, base_init_kind
 
 
 LORA_CONV_PATHS = ("auto", "weight", "factored")
@@ -33,7 +34,9 @@ LORA_CONV_PATHS = ("auto", "weight", "factored")
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    """LoRA. ``init="default"``: ``A`` Kaiming-uniform, ``B = 0`` (Embedding: ``A = 0``, ``B`` Gaussian)."""
+    """LoRA. ``init="default"``: ``A`` Kaiming-uniform, ``B = 0`` (Embedding: ``A = 0``, ``B`` Gaussian);
+    ``"gaussian"``: ``A ~ N(0, 1/r²)``; ``"pissa"`` / ``"pissa_niter_<K>"`` / ``"olora"``: factors from the SVD / QR of
+    the base weight, which becomes the residual (Linear layers only; :mod:`lava_peft.methods.base_init`)."""
 
     cli_help: ClassVar[str | None] = "LoRA (flattened kernels on convs)"
 
@@ -45,15 +48,18 @@ class LoraConfig(AdapterConfig):
         super().validate()
         if not isinstance(self.use_dora, bool):
             raise LavaConfigError(f"use_dora must be True or False; got {self.use_dora!r}")
-        if self.init not in ("default", "gaussian"):
-            raise LavaConfigError(f"LoraConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
+        check_base_init("LoraConfig", self.init, self.use_dora)
+        if self.init not in ("default", "gaussian") and not base_init_kind(self.init):
+            raise LavaConfigError(f"LoraConfig.init must be 'default', 'gaussian', 'pissa', 'pissa_niter_<K>' or "
+                                  f"'olora'; got {self.init!r}")
         if self.conv_path not in LORA_CONV_PATHS:
             raise LavaConfigError(f"LoraConfig.conv_path must be one of {LORA_CONV_PATHS}; got {self.conv_path!r}")
 
 
-class LoraAdapter(DeltaAdapter):
+class LoraAdapter(InitialisedFromBase, DeltaAdapter):
     def __init__(self, spec: LayerSpec, config: LoraConfig, module_name: str):
         super().__init__(spec, config, module_name)
+        self.base_init = base_init_kind(getattr(config, "init", None)) and config.init
         fan_in = spec.in_dim * math.prod(spec.kernel_size)
         self.lora_A = nn.Parameter(torch.empty(self.r, fan_in))
         self.lora_B = nn.Parameter(torch.zeros(spec.out_dim, self.r))
@@ -64,6 +70,8 @@ class LoraAdapter(DeltaAdapter):
             nn.init.normal_(self.lora_A, std=1.0 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.base_init:  # replaced by init_from_base; draw what PEFT draws (see InitialisedFromBase)
+                self.draw_like_peft_up()
         path = getattr(config, "conv_path", None)  # variants' configs (DyLoRA, MoSA, low-bit) may lack it
         self.conv_path = path if path in LORA_CONV_PATHS else "auto"
 
@@ -75,6 +83,7 @@ class LoraAdapter(DeltaAdapter):
 
     @classmethod
     def check_layer(cls, spec: LayerSpec, config, module_name: str) -> None:
+        cls.check_base_init_layer(spec, config, module_name)
         r = config.rank_for(module_name)
         limit = min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
         if r > limit:
@@ -86,6 +95,9 @@ class LoraAdapter(DeltaAdapter):
     def effective_factors(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
         """``(B, [A], s)``: the stored factors (variants override this, see :class:`DeltaAdapter`)."""
         return self.lora_B, [self.lora_A], self.scale
+
+    def matrix_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_B, self.lora_A
 
     def delta_from_factors(self, up: torch.Tensor, modes: list[torch.Tensor], scale: float) -> torch.Tensor:
         """``ΔW = s·up·down`` in the canonical layout (the flattened kernel reshaped on convs)."""

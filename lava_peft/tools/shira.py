@@ -20,12 +20,12 @@ from torch import nn
 from ..errors import AdapterFileError, IncompatibleBaseModelError, LavaConfigError
 from ..inject import adapted_layers, find_targets
 from ..adapter_files import WEIGHTS_NAME, write_adapter_dir
-from ..layers import AdaptedLayer, LinearOps, layer_ops
+from ..layers import AdaptedLayer, layer_ops
 from ..methods.base import LayerSpec
 from ..methods.shira import ShiraAdapter, ShiraConfig, shira_budget
 from ..methods.sparse_masks import MaskInputs, mask_builder, select_top
 from ..model import AdaptedModel
-from ..peft_common import base_layer_at
+from ..peft_common import base_layer_at, shira_flat_indices, shira_tensors
 from ..train.trainer import classification_loss, default_forward
 from .sparse_masks import calibration_gradients
 
@@ -100,47 +100,16 @@ def export_peft_shira(model, save_directory: str, adapter_name: str | None = Non
     """
     name = adapter_name or model.active_adapter
     model.check_known(name)
-    config = model.peft_config[name]
-    if config.method != "shira":
-        raise LavaConfigError(f"adapter {name!r} is a {config.method!r} adapter; export_peft_shira exports SHiRA only")
-    if config.modules_to_save:
-        raise LavaConfigError(f"adapter {name!r} has modules_to_save {config.modules_to_save}; the PEFT SHiRA export "
-                              "does not carry them")
-    tensors, ranks = {}, {}
+    fields, why = model.peft_shira_layout(name, scaled=True)
+    if fields is None:
+        raise LavaConfigError(f"cannot export adapter {name!r} as a PEFT SHiRA folder: {why}")
+    tensors = {}
     for path, layer in adapted_layers(model.model):
-        if name not in layer.adapters:
-            continue
-        if type(layer.ops) is not LinearOps or type(layer.base_layer) is not nn.Linear:
-            raise LavaConfigError(f"{path} is a {type(layer.base_layer).__name__}; PEFT SHiRA adapts nn.Linear only")
-        adapter = layer.adapters[name]
-        indices, values = adapter.sparse_delta()
-        per_rank = layer.spec.out_dim + layer.spec.in_dim
-        if indices.numel() % per_rank:
-            raise LavaConfigError(f"{path} has {indices.numel()} entries, not r·(O + I) = r·{per_rank}; PEFT SHiRA "
-                                  "sizes every layer by r")
-        ranks[path] = indices.numel() // per_rank
-        flat = indices.long().cpu()
-        rows, cols = flat // layer.spec.in_dim, flat % layer.spec.in_dim
-        tensors[f"base_model.model.{path}.shira_weight"] = values.detach().float().cpu()
-        tensors[f"base_model.model.{path}.shira_indices"] = torch.stack([rows, cols]).to(torch.int32)
-    if len(set(ranks.values())) != 1:
-        raise LavaConfigError(f"adapter {name!r} has per-layer budgets (r = {sorted(set(ranks.values()))}); PEFT "
-                              "SHiRA has one r for every layer")
-    peft_config = {
-        "peft_type": "SHIRA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "r": next(iter(ranks.values())),
-        "mask_type": "random",  # PEFT builds a random mask, then loads the saved indices over it
-        "random_seed": config.seed,
-        "target_modules": "(?:" + "|".join(re.escape(p) for p in ranks) + ")",
-        "fan_in_fan_out": False,
-        "init_weights": True,
-        "modules_to_save": None,
-    }
-    out = Path(save_directory)
-    write_adapter_dir(out, peft_config, tensors, {"format": "pt"})
+        if name in layer.adapters:
+            indices, values = layer.adapters[name].sparse_delta()  # values with α folded in
+            tensors.update(shira_tensors(path, layer.spec.in_dim, indices, values))
+    fields = {**fields, "base_model_name_or_path": base_model_name_or_path, "task_type": None}
+    write_adapter_dir(Path(save_directory), fields, tensors, {"format": "pt"})
 
 
 def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[str, torch.Tensor],
@@ -185,7 +154,7 @@ def import_peft_shira(model, directory: Path, peft_config: dict, tensors: dict[s
         rows, cols = idx[0].long(), idx[1].long()
         if idx.numel() and (rows.min() < 0 or cols.min() < 0 or rows.max() >= out_dim or cols.max() >= in_dim):
             raise AdapterFileError(f"{weights_path}: {path} indices fall outside the weight {out_dim}x{in_dim}")
-        flat = rows * in_dim + cols
+        flat = shira_flat_indices(idx, in_dim)
         order = torch.argsort(flat)
         flat = flat[order]
         if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):

@@ -81,7 +81,7 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> None:
                 f"({saved.get('method')}: {saved.get('config')}); resume with the config it was trained with"
             )
         tensors = files.read_tensors()
-        if saved.get("layout") == "peft":  # HF PEFT's key layout: the model maps and checks the keys itself
+        if saved.get("layout") in ("peft", "peft-shira"):  # HF PEFT's keys: the model maps and checks them itself
             model.load_adapter_file_tensors(name, tensors)
             return
         state = model.adapter_state_dict(name)
