@@ -357,7 +357,7 @@ class AdaptedLayer(nn.Module):
         return [a for a in self.active_adapters if a in self.adapters and a not in self.merged_adapters]
 
     def forward(self, x, *args, **kwargs):
-        if self.sibling_group is not None and not args and not kwargs:
+        if self.sibling_group is not None and not args and not kwargs and not torch.compiler.is_compiling():
             out = self.sibling_group.forward(self, x)  # shared-input fusion: one node for q/k/v, gate/up
             if out is not None:
                 return out

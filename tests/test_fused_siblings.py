@@ -29,7 +29,7 @@ from torch import nn
 import lava_peft as lp
 from lava_peft.fused_siblings import CandidateSet, SiblingGroup, shared_input_lowrank
 from lava_peft.inject import shared_input_groups
-from tests._tiny_models import conv_net, randomize_adapters, tiny_bert, tiny_llama
+from _tiny_models import conv_net, randomize_adapters, tiny_bert, tiny_llama
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
 
@@ -357,3 +357,13 @@ def test_copies_and_pickles_after_a_fused_step():
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(clone(inputs_embeds=embeds).logits.detach(), out, **FP32)
         assert _fused_calls(clone) == _fused_calls(model) + 2  # the copy's groups fuse on their own
+
+
+def test_compiled_model_runs_each_layer_on_its_own():
+    model, plain = _build("bert", "lora", True), _build("bert", "lora", False)
+    embeds = _embeds(model)
+    before = _warm(model, embeds)  # observed eagerly: the groups exist
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        _close(compiled(inputs_embeds=embeds).logits, plain(inputs_embeds=embeds).logits)
+    assert _fused_calls(model) == before  # traced code takes the per-layer path
