@@ -163,7 +163,7 @@ def fusion_term(layer: nn.Module, x: torch.Tensor) -> Term | None:
         return None
     adapter = layer.adapters[active[0]]
     if (not isinstance(adapter, DeltaAdapter) or adapter.spec.kind != "linear" or _dropout_active(adapter)
-            or type(adapter).fused_linear is not DeltaAdapter.fused_linear):
+            or type(adapter).fused_linear is not DeltaAdapter.fused_linear or "fused_linear" in adapter.__dict__):
         return None
     base = frozen_linear_weight(layer.base_layer)
     if base is None or not fusable(x, base[0]):
