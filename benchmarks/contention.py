@@ -36,6 +36,29 @@ def _burn(stop_after: float) -> None:
         a = (a @ b).clamp_(-1, 1)
 
 
+def per_op_penalty(reps: int = 30) -> list[dict]:
+    """Single ops of a MiniLM layer timed with 1 and 2 torch threads, interleaved (what one parallel region costs
+    when the cores are busy): min and median per op and thread count."""
+    n, width, r = 32 * 64, 384, 8
+    x, down, w, y = torch.randn(n, width), torch.randn(r, width), torch.randn(width, width), torch.randn(n, width)
+    ops = {"thin product x·Vᵀ (2048×384 · 384×8)": lambda: x @ down.T,
+           "base GEMM x·Wᵀ (2048×384 · 384×384)": lambda: x @ w.T,
+           "elementwise 0.5·y (2048×384)": lambda: y * 0.5,
+           "tiny add (8×384)": lambda: down + 1}
+    times: dict = {}
+    before = torch.get_num_threads()
+    for _ in range(reps):
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for name, op in ops.items():
+                t0 = time.perf_counter()
+                op()
+                times.setdefault((name, t), []).append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return [{"op": name, "threads": t, "min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3}
+            for (name, t), v in times.items()]
+
+
 def run_level(variants, threads: list[int], passes: int, warmup: int, device) -> dict:
     cells = [(t, v) for t in threads for v in variants]
     for t, v in cells:
@@ -77,6 +100,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
+    ap.add_argument("--per-op", action="store_true", help="also time single ops with 1 and 2 threads (per level)")
     ap.add_argument("--out", help="markdown path (default: print)")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
@@ -101,6 +125,7 @@ def main(argv=None) -> dict:
         load_start = os.getloadavg()
         try:
             print(f"[contention] {level} competing processes, threads {threads} ...", flush=True)
+            ops = per_op_penalty() if args.per_op else []
             times = run_level(scenario.variants, threads, args.passes, args.warmup, device)
         finally:
             for proc in procs:
@@ -109,7 +134,7 @@ def main(argv=None) -> dict:
                 proc.join()
         results.append({"compete": level, "loadavg_start": [round(x, 2) for x in load_start],
                         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                        "rows": summarize(times, threads, names)})
+                        "rows": summarize(times, threads, names), "ops": ops})
     command = "python -m benchmarks.contention " + " ".join(sys.argv[1:] if argv is None else argv)
     text = to_markdown(env, scenario.setup, results, command, args.passes)
     if args.out:
@@ -140,6 +165,11 @@ def to_markdown(env, setup, results, command, passes) -> str:
             xp = f"{r['x_peft']:.3f}" if "x_peft" in r else "—"
             lines.append(f"| {r['threads']} | {r['name']} | {r['step_ms']:.1f} | {r['p20_ms']:.1f} | {xf} | {xp} |")
         lines.append("")
+        if level.get("ops"):
+            lines += ["| single op | torch threads | min ms | median ms |", "|---|---:|---:|---:|"]
+            for o in level["ops"]:
+                lines.append(f"| {o['op']} | {o['threads']} | {o['min_ms']:.3f} | {o['median_ms']:.3f} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
