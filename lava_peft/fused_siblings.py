@@ -33,8 +33,9 @@ good (``state = "unshared"``): the layers then run as before.
 **What falls back** (the member runs its own path, the others may still fuse): a disabled
 layer, a mixed-adapter batch, merged adapters, more or fewer than one active adapter, an
 adapter without ``linear_factors()`` (SHiRA, DoRA, conv), active adapter dropout, a base layer
-that is not a plain frozen ``nn.Linear``, autocast, ``torch.compile`` tracing, and
-``enabled = False`` (``AdaptedModel.shared_input_fusion``).  ``tests/test_fused_siblings.py``
+that is not a plain frozen ``nn.Linear``, autocast, ``torch.compile`` tracing, saved-tensor hooks
+(non-reentrant activation checkpointing, whose recomputation must save what the forward saved;
+``save_on_cpu``), and ``enabled = False`` (``AdaptedModel.shared_input_fusion``).  ``tests/test_fused_siblings.py``
 checks outputs and every gradient against the unfused path.
 """
 
@@ -150,6 +151,17 @@ def _compiling() -> bool:
     return bool(check and check())
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Inside ``saved_tensors_hooks`` (non-reentrant activation checkpointing, ``save_on_cpu``)?
+
+    Checkpointing re-runs the forward in the backward and requires it to save the same tensors;
+    a group decided (or turned off) in between would change the path, so such regions always
+    run each layer on its own.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 def fusion_term(layer: nn.Module, x: torch.Tensor) -> Term | None:
     """``(W, b, down, up, scale)`` of an adapted layer (``AdaptedLayer``) whose call on ``x`` may join a
     fused node: enabled, not mixed, nothing merged, exactly one active adapter offering the default
@@ -200,9 +212,11 @@ class SiblingGroup:
 
     def forward(self, layer: nn.Module, x) -> torch.Tensor | None:
         """``layer``'s output from a fused node (run now, or kept from the leader's call), or ``None``."""
-        if self.state != "shared" or not torch.is_tensor(x):
+        if self.state != "shared" or not torch.is_tensor(x) or _saved_tensor_hooks_active():
             return None
-        index = next(i for i, m in enumerate(self.members) if m is layer)
+        index = next((i for i, m in enumerate(self.members) if m is layer), None)
+        if index is None:  # a shallow copy of a member (e.g. nn.DataParallel's replicas) runs on its own
+            return None
         pending = self._pending
         if pending is not None:
             held_x, key, outs = pending
@@ -258,7 +272,9 @@ class CandidateSet:
         """Record the call; always ``None`` (the layer runs its own path while the set observes)."""
         if not torch.is_tensor(x) or _compiling():
             return None
-        index = next(i for i, m in enumerate(self.members) if m is layer)
+        index = next((i for i, m in enumerate(self.members) if m is layer), None)
+        if index is None:
+            return None
         if index in self._seen:
             self._decide()
         else:

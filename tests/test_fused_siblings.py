@@ -367,3 +367,19 @@ def test_compiled_model_runs_each_layer_on_its_own():
     with torch.no_grad():
         _close(compiled(inputs_embeds=embeds).logits, plain(inputs_embeds=embeds).logits)
     assert _fused_calls(model) == before  # traced code takes the per-layer path
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_equals_unfused(reentrant):
+    """Non-reentrant checkpointing recomputes each block in the backward and requires the same saved
+    tensors: the first (observed) pass and the recomputation must take the same path."""
+    fused, plain = _build("llama", "lora", True), _build("llama", "lora", False)
+    for model in (fused, plain):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    embeds = _embeds(fused)
+    for _ in range(3):  # observed pass, then decided groups, then once more
+        _assert_same(_step(fused, embeds), _step(plain, embeds))
+    assert all(g.state == "shared" for g in shared_input_groups(fused.model) if isinstance(g, SiblingGroup))
+    if not reentrant:  # the blocks run inside saved-tensor hooks: each layer on its own
+        assert _fused_calls(fused) == 0
