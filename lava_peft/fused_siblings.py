@@ -28,7 +28,8 @@ group, the first member called with an input (the *leader*) runs the node for ev
 that can take it right now and keeps the others' outputs; a member called next with the same
 input object (unchanged: same version counter; same grad mode) takes its output.  Anything
 unexpected — a kept output still unclaimed when a new input arrives — turns the group off for
-good (``state = "unshared"``): the layers then run as before.
+good (``state = "unshared"``): the layers then run as before (so does one model run from several
+threads at once: their calls interleave, and the group turns itself off; results stay exact).
 
 **What falls back** (the member runs its own path, the others may still fuse): a disabled
 layer, a mixed-adapter batch, merged adapters, more or fewer than one active adapter, an
