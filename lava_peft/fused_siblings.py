@@ -4,8 +4,8 @@ Attention reads one hidden state three times (BERT's query/key/value, Llama's q/
 a gated MLP twice (gate/up_proj).  With low-rank adapters ``ΔW_i = s_i·U_i V_i`` on ``k`` such
 siblings (``V_i ∈ R^{r_i×I}`` down, ``U_i ∈ R^{O_i×r_i}`` up, ranks may differ), the node computes
 
-    H = x [V_1; …; V_k]ᵀ                       (N×R, R = Σ r_i: ONE pass over x instead of k)
-    y_i = b_i + H_i (s_i U_i)ᵀ + x W_iᵀ         (H_i = columns of H; base GEMM with β = 1)
+    H_i = x V_iᵀ                               (N×r_i)
+    y_i = b_i + H_i (s_i U_i)ᵀ + x W_iᵀ         (base GEMM with β = 1)
 
 and its backward, given ``∂y_i`` (an unused output counts as 0):
 
@@ -14,9 +14,15 @@ and its backward, given ``∂y_i`` (an unused output counts as 0):
     ∂[V_1; …; V_k] = ∂Hᵀ x                     (ONE pass over x, split by rows)
     ∂x = ∂H [V_1; …; V_k] + Σ_i ∂y_i W_i       (ONE thin product, the base GEMMs accumulate, β = 1)
 
-— per group of ``k`` the input is read once instead of ``k`` times in both directions, and
-autograd sums no ``k`` separate ``N×I`` input gradients.  It is the same function as ``k``
-calls of :mod:`lava_peft.fused_linear` (only the summation order differs).
+— in the backward the input is read once instead of ``k`` times for the down factors' gradient,
+one thin product instead of ``k`` makes the input gradient, and autograd sums no ``k`` separate
+``N×I`` input gradients; ``k`` autograd nodes become one.  The forward computes each ``H_i`` with
+the very product the per-layer node (:mod:`lava_peft.fused_linear`) uses, so the **outputs are
+bit-identical** to the unfused path and never depend on whether a group has been decided yet (a
+model's first call and a freshly loaded copy agree bit for bit with a trained one); the
+gradients equal the unfused ones up to summation order.  ``SiblingGroup.concat_forward = True``
+also computes ``H = x [V_1; …; V_k]ᵀ`` as one GEMM (one pass over ``x`` in the forward too, at
+the price of last-bit differences between the first, observed call and later ones).
 
 **Who runs it.**  :func:`candidate_sets` of the layers (done by the injection code) groups the
 adapted plain ``nn.Linear`` children of one parent module with equal ``in_features``.  A
@@ -61,79 +67,80 @@ class _SharedInputLowRank(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scales, *tensors):
+    def forward(ctx, x, scales, concat_forward, *tensors):
         ctx.set_materialize_grads(False)
         k = len(scales)
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         weights, biases = tensors[0::4], tensors[1::4]
-        downs, ups = tensors[2::4], tensors[3::4]
-        down_cat = torch.cat([d.to(dtype) for d in downs], dim=0)  # (R, I), tiny
-        hidden = x2 @ down_cat.T  # the one pass over x
+        downs = [d.to(dtype) for d in tensors[2::4]]
+        ups = tensors[3::4]
+        down_cat = torch.cat(downs, dim=0)  # (R, I), tiny
         ranks = [d.shape[0] for d in downs]
+        if concat_forward:  # one pass over x; the last bits differ from the per-layer node's x·V_iᵀ
+            hiddens = list((x2 @ down_cat.T).split(ranks, dim=1))
+        else:  # exactly the per-layer node's products: outputs never depend on the grouping
+            hiddens = [x2 @ d.T for d in downs]
         outs, ups_t = [], []
-        start = 0
         for i in range(k):
             # (s·U)ᵀ contiguous (r, O): ∂H_i = ∂y_i·(s·U) then reads a column-major operand (faster on CPU BLAS)
             up_t = (ups[i] * scales[i]).T.contiguous().to(dtype)
-            h_i = hidden[:, start:start + ranks[i]]
-            start += ranks[i]
             out = x.new_empty(*x.shape[:-1], up_t.shape[1])
             out2 = out.view(-1, up_t.shape[1])
             if biases[i] is not None:
-                torch.addmm(biases[i], h_i, up_t, out=out2)
+                torch.addmm(biases[i], hiddens[i], up_t, out=out2)
             else:
-                torch.mm(h_i, up_t, out=out2)
+                torch.mm(hiddens[i], up_t, out=out2)
             out2.addmm_(x2, weights[i].T)
             outs.append(out)
             ups_t.append(up_t)
-        ctx.save_for_backward(x2, hidden, down_cat, *weights, *ups_t)
+        ctx.save_for_backward(x2, down_cat, *weights, *ups_t, *hiddens)
         ctx.k, ctx.ranks, ctx.scales, ctx.x_shape = k, ranks, scales, x.shape
-        ctx.down_dtypes = [d.dtype for d in downs]
+        ctx.down_dtypes = [d.dtype for d in tensors[2::4]]
         ctx.up_dtypes = [u.dtype for u in ups]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         k, ranks = ctx.k, ctx.ranks
-        x2, hidden, down_cat, *rest = ctx.saved_tensors
-        weights, ups_t = rest[:k], rest[k:]
+        x2, down_cat, *rest = ctx.saved_tensors
+        weights, ups_t, hiddens = rest[:k], rest[k:2 * k], rest[2 * k:]
         g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         grad_tensors: list[torch.Tensor | None] = [None] * (4 * k)
         if all(g is None for g in g2):
-            return (None, None, *grad_tensors)
-        pieces, start = [], 0
+            return (None, None, None, *grad_tensors)
+        pieces = []
         for i in range(k):
-            h_i = hidden[:, start:start + ranks[i]]
-            start += ranks[i]
             if g2[i] is None:
-                pieces.append(hidden.new_zeros(hidden.shape[0], ranks[i]))
+                pieces.append(x2.new_zeros(x2.shape[0], ranks[i]))
                 continue
             pieces.append(g2[i] @ ups_t[i].T)
-            if ctx.needs_input_grad[2 + 4 * i + 3]:
-                grad_tensors[4 * i + 3] = (h_i.T @ g2[i]).to(ctx.up_dtypes[i]).T * ctx.scales[i]
+            if ctx.needs_input_grad[3 + 4 * i + 3]:
+                grad_tensors[4 * i + 3] = (hiddens[i].T @ g2[i]).to(ctx.up_dtypes[i]).T * ctx.scales[i]
         grad_hidden = torch.cat(pieces, dim=1)  # (N, R), thin
-        if any(ctx.needs_input_grad[2 + 4 * i + 2] for i in range(k)):
+        if any(ctx.needs_input_grad[3 + 4 * i + 2] for i in range(k)):
             grad_down_cat = grad_hidden.T @ x2  # the one pass over x
             for i, part in enumerate(grad_down_cat.split(ranks, dim=0)):
-                if ctx.needs_input_grad[2 + 4 * i + 2]:
+                if ctx.needs_input_grad[3 + 4 * i + 2]:
                     grad_tensors[4 * i + 2] = part.to(ctx.down_dtypes[i])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_hidden @ down_cat
+            grad_x = grad_hidden @ down_cat  # the one thin product for all members
             for i in range(k):
                 if g2[i] is not None:
                     grad_x.addmm_(g2[i], weights[i])
             grad_x = grad_x.view(ctx.x_shape)
-        return (grad_x, None, *grad_tensors)
+        return (grad_x, None, None, *grad_tensors)
 
 
-def shared_input_lowrank(x: torch.Tensor, terms: Sequence[Term]) -> tuple[torch.Tensor, ...]:
-    """``y_i = x W_iᵀ + b_i + s_i (x V_iᵀ) U_iᵀ`` for every term ``(W_i, b_i, V_i, U_i, s_i)``, as one node."""
+def shared_input_lowrank(x: torch.Tensor, terms: Sequence[Term], concat_forward: bool = False) -> tuple[torch.Tensor, ...]:
+    """``y_i = x W_iᵀ + b_i + s_i (x V_iᵀ) U_iᵀ`` for every term ``(W_i, b_i, V_i, U_i, s_i)``, as one node.
+
+    ``concat_forward=True`` also computes the forward ``H`` as one GEMM (see the module docstring)."""
     flat: list = []
     for weight, bias, down, up, _ in terms:
         flat += [weight, bias, down, up]
-    return _SharedInputLowRank.apply(x, tuple(float(t[4]) for t in terms), *flat)
+    return _SharedInputLowRank.apply(x, tuple(float(t[4]) for t in terms), bool(concat_forward), *flat)
 
 
 def _version_of(x: torch.Tensor) -> int:
@@ -203,6 +210,7 @@ class SiblingGroup:
     def __init__(self, members: Sequence[nn.Module], enabled: bool = True):
         self.members = list(members)
         self.enabled = enabled
+        self.concat_forward = False  # True: the forward H as one GEMM too (outputs then differ in the last bits)
         self.state = "shared"
         self.fused_calls = 0
         self.fused_members = 0
@@ -243,7 +251,7 @@ class SiblingGroup:
         if len(terms) < 2:  # alone: its own fused node, from the factors already read (read once per call)
             return lowrank_linear(x, *mine)
         order = sorted(terms)
-        outs = dict(zip(order, shared_input_lowrank(x, [terms[i] for i in order])))
+        outs = dict(zip(order, shared_input_lowrank(x, [terms[i] for i in order], self.concat_forward)))
         self.fused_calls += 1
         self.fused_members += len(order)
         mine_out = outs.pop(index)
