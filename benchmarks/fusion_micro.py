@@ -6,7 +6,11 @@ Three (or two) frozen ``nn.Linear(I, O)`` reading one input ``x (B, T, I)`` that
 LoRA r=8 on each; a pass is forward + ``backward`` of ``Σ_i ⟨y_i, g_i⟩`` (fixed random ``g_i``),
 i.e. everything the group costs in a training step except the optimizer.  The fused and unfused
 modules alternate ``--reps`` times in one process; the minimum and the median are reported
-(the minimum is the robust figure on a shared machine: load only adds time).
+The headline figure is the median *CPU time* of this process per pass (with one torch thread it
+excludes the time the thread waits descheduled, which dominates wall time on a busy machine);
+the wall-clock minimum is given beside it.  Rows: the default
+fused node (forward products per layer, backward fused), ``fused+concat`` (``concat_forward``: the
+forward ``H`` as one GEMM too) and the unfused per-layer nodes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 import lava_peft as lp
+from lava_peft.inject import shared_input_groups
 
 from .harness import environment
 
@@ -42,35 +47,41 @@ class Siblings(nn.Module):
         return [getattr(self, n)(x) for n in self.names]
 
 
-def build(width: int, outs: list[int], fused: bool, r: int):
+def build(width: int, outs: list[int], mode: str, r: int):
+    """``mode``: "fused" (default node), "fused+concat" (the forward H as one GEMM too), "unfused"."""
     torch.manual_seed(0)
     model = lp.adapt(Siblings(width, outs), lp.LoraConfig(r=r, alpha=2 * r, target_modules=[f"p{i}" for i in range(len(outs))]))
-    model.shared_input_fusion = fused
+    model.shared_input_fusion = mode != "unfused"
     return model
 
 
-def one_pass(model, x, grads) -> float:
-    t0 = time.perf_counter()
+def one_pass(model, x, grads) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one forward + backward."""
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = model(x)
     torch.autograd.backward(outs, grads)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     x.grad = None
     model.zero_grad(set_to_none=True)
-    return elapsed
+    return elapsed, cpu
 
 
 def run_case(tokens: int, width: int, outs: list[int], reps: int, r: int) -> dict:
     x = torch.randn(tokens, width, requires_grad=True)
     grads = [torch.randn(tokens, o) for o in outs]
-    models = {"fused": build(width, outs, True, r), "unfused": build(width, outs, False, r)}
-    for model in models.values():
+    modes = ("fused", "fused+concat", "unfused")
+    models = {m: build(width, outs, m, r) for m in modes}
+    for mode, model in models.items():
         for _ in range(3):  # the first pass observes the group; then warm
             one_pass(model, x, grads)
+        for group in shared_input_groups(model.model):
+            group.concat_forward = mode == "fused+concat"
     times = {k: [] for k in models}
     for i in range(reps):
-        for name in (("fused", "unfused") if i % 2 == 0 else ("unfused", "fused")):
+        for name in modes[i % 3:] + modes[: i % 3]:
             times[name].append(one_pass(models[name], x, grads))
-    return {k: {"min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for k, v in times.items()}
+    return {k: {"min_ms": min(w for w, _ in v) * 1e3, "median_ms": statistics.median(w for w, _ in v) * 1e3,
+                "cpu_median_ms": statistics.median(c for _, c in v) * 1e3} for k, v in times.items()}
 
 
 def main(argv=None) -> None:
@@ -92,16 +103,18 @@ def main(argv=None) -> None:
              f"- torch {env['torch']}, lava-peft {env['lava_peft']} (git {env['git']})",
              f"- load average at start: {env.get('loadavg_start')}", f"- LoRA r={args.rank} on every layer; "
              f"{args.reps} alternating passes per row", "",
-             "| group | fused min ms | unfused min ms | fused / unfused (min) | fused median ms | unfused median ms |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| group | CPU ms fused | CPU ms fused+concat | CPU ms unfused | fused / unfused (CPU) "
+             "| fused+concat / unfused (CPU) | wall min ms fused / fused+concat / unfused |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for name, (tokens, width, outs) in CASES.items():
         if args.cases and args.cases not in name:
             continue
         print(f"[fusion_micro] {name} ...", flush=True)
         res = run_case(tokens, width, outs, args.reps, args.rank)
-        f, u = res["fused"], res["unfused"]
-        lines.append(f"| {name} | {f['min_ms']:.2f} | {u['min_ms']:.2f} | {f['min_ms'] / u['min_ms']:.3f} "
-                     f"| {f['median_ms']:.2f} | {u['median_ms']:.2f} |")
+        f, c, u = res["fused"], res["fused+concat"], res["unfused"]
+        lines.append(f"| {name} | {f['cpu_median_ms']:.2f} | {c['cpu_median_ms']:.2f} | {u['cpu_median_ms']:.2f} "
+                     f"| {f['cpu_median_ms'] / u['cpu_median_ms']:.3f} | {c['cpu_median_ms'] / u['cpu_median_ms']:.3f} "
+                     f"| {f['min_ms']:.1f} / {c['min_ms']:.1f} / {u['min_ms']:.1f} |")
     if hasattr(os, "getloadavg"):
         lines.append(f"\n- load average at end: {[round(x, 2) for x in os.getloadavg()]}")
     text = "\n".join(lines) + "\n"
