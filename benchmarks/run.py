@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--orth-lambda", type=float, default=0.1)
     p.add_argument("--shira", action="store_true", help="text scenarios: add SHiRA rows (HF PEFT and ours, r·(O+I) entries)")
     p.add_argument("--dora", action="store_true", help="text scenarios: add DoRA rows (HF PEFT use_dora, our LoRA and LAVA with use_dora)")
+    p.add_argument("--fusion", action="store_true",
+                   help="text scenarios: add lava-lora-unfused / lava-unfused rows (shared-input fusion off) beside "
+                        "the default rows (fusion on)")
     p.add_argument("--ablation", action="store_true",
                    help="text scenarios: add rows with the linear fast-path changes undone one at a time")
     # sizes (0/None = the scenario's full-size default)

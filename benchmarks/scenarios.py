@@ -95,8 +95,12 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
             from .ablation import STAGES
 
             kinds += [f"lava[{stage}]" for stage in STAGES]
-        for kind in kinds:
-            name = kind + suffix
+        if getattr(args, "fusion", False):
+            kinds += ["lava-lora-unfused", "lava-unfused"]
+        for variant_kind in kinds:
+            unfused = variant_kind.endswith("-unfused")
+            kind = variant_kind[: -len("-unfused")] if unfused else variant_kind
+            name = variant_kind + suffix
             if not _want(args, name):
                 continue
             torch.manual_seed(0)
@@ -148,6 +152,11 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
                     stage = kind[5:-1]
                     apply_stage(model, stage)
                     role, notes = "other", f"ablation: library LAVA with the linear path at stage {stage!r}"
+            if unfused:
+                model.shared_input_fusion = False
+                notes += "; shared-input fusion off (each adapted Linear its own node)"
+            elif isinstance(model, lp.AdaptedModel) and getattr(args, "fusion", False):
+                notes += "; shared-input fusion on (q/k/v as one node)"
             model.train()
             if mode == "compiled" and layers_of is not None:
                 _compile_layers(model, layers_of(model))

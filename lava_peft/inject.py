@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import compile_module_pattern
 from .errors import TargetModulesError, UnsupportedLayerError
+from .fused_siblings import CandidateSet, SiblingGroup, candidate_sets
 from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
 from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, placement_selects
 from .targets import in_selected_layers, names_module_or_parent
@@ -194,6 +195,28 @@ def adapted_layers(model: nn.Module):
         if isinstance(module, AdaptedLayer):
             yield name, module
     yield from module_hosts(model)
+
+
+def _linear_width(layer: AdaptedLayer) -> int | None:
+    return layer.base_layer.in_features if type(layer.base_layer) is nn.Linear else None
+
+
+def link_shared_input_layers(model: nn.Module, enabled: bool = True) -> list[CandidateSet]:
+    """Point adapted plain Linears of one parent with equal ``in_features`` (q/k/v, gate/up, …) at a
+    :class:`~lava_peft.fused_siblings.CandidateSet`: the next forward pass shows which of them read the
+    same input, and those run as one node from then on (``enabled=False``: observed, never fused)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    return candidate_sets(layers, _linear_width, enabled=enabled)
+
+
+def shared_input_groups(model: nn.Module) -> list[SiblingGroup | CandidateSet]:
+    """The distinct sibling groups (decided) and candidate sets (still observing) of the model's layers."""
+    found: dict[int, SiblingGroup | CandidateSet] = {}
+    for _, m in model.named_modules():
+        group = getattr(m, "sibling_group", None) if isinstance(m, AdaptedLayer) else None
+        if group is not None:
+            found.setdefault(id(group), group)
+    return list(found.values())
 
 
 def find_module_targets(model: nn.Module, config, extra: list[str] | None = None) -> list[tuple[str, nn.Module]]:

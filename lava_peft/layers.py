@@ -173,6 +173,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.mixed_adapter_names: Sequence[str] | None = None
         self._merge_backup: torch.Tensor | None = None  # unmerged weight, kept by merge(backup=True)
+        self.sibling_group = None  # layers reading the same input (lava_peft.fused_siblings), set by inject
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -356,6 +357,10 @@ class AdaptedLayer(nn.Module):
         return [a for a in self.active_adapters if a in self.adapters and a not in self.merged_adapters]
 
     def forward(self, x, *args, **kwargs):
+        if self.sibling_group is not None and not args and not kwargs and not torch.compiler.is_compiling():
+            out = self.sibling_group.forward(self, x)  # shared-input fusion: one node for q/k/v, gate/up
+            if out is not None:
+                return out
         if self.disabled:
             if self.merged_adapters:
                 raise LavaError("adapters are merged into this layer; unmerge before disabling them")

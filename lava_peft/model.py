@@ -26,8 +26,10 @@ from .inject import (
     find_module_targets,
     find_modules_to_save,
     find_targets,
+    link_shared_input_layers,
     saved_module_wrappers,
     set_submodule,
+    shared_input_groups,
 )
 from .model_files import AdapterFiles
 from .base_init_files import apply_base_change, base_init_warnings, note_base_init, warn_residual_left
@@ -152,6 +154,18 @@ class AdaptedModel(AdapterFiles, nn.Module):
         self.model.gradient_checkpointing_enable(**kwargs)
         if hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
+
+    @property
+    def shared_input_fusion(self) -> bool:
+        """Adapted Linears reading the same input (q/k/v, gate/up) run as one node (:mod:`~lava_peft.fused_siblings`);
+        on by default, ``model.shared_input_fusion = False`` runs each layer on its own."""
+        return self.__dict__.get("_shared_input_fusion", True)
+
+    @shared_input_fusion.setter
+    def shared_input_fusion(self, value: bool) -> None:
+        self.__dict__["_shared_input_fusion"] = bool(value)
+        for group in shared_input_groups(self.model):
+            group.enabled = bool(value)
 
     # ================================================================= forward
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -298,6 +312,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
         if plan.config.inference_mode:
             self.inference_only.add(plan.name)
         self._apply_active(self._active)
+        link_shared_input_layers(self.model, self.shared_input_fusion)
         for note in plan.notes:
             print(f"lava-peft: {note}")
         for message in plan.warnings:
