@@ -45,7 +45,9 @@ ROWS = [("target_zero_shot", "target zero-shot"), ("source", "source + adapter")
 SETTINGS: dict = {}  # the TransferConfig defaults (sized for a 2-core CPU); overrides go here
 
 
-def run_pair(pair: str, seed: int, runs: Path, settings: dict, progress: bool) -> dict:
+def run_pair(pair: str, seed: int, runs: Path, settings: dict, progress: bool, transfer: bool = True) -> dict:
+    """The stages of one pair and seed; with ``transfer=False`` only those that need no
+    discriminator (source adapter, target zero-shot, upper bound), so that they can run first."""
     source, target = PAIRS[pair]
     out = runs / f"seed{seed}" / pair
     for other in PAIRS:  # reuse the target-independent owner-side stages of another pair
@@ -57,12 +59,13 @@ def run_pair(pair: str, seed: int, runs: Path, settings: dict, progress: bool) -
     job = TransferRun(cfg, out, lambda: load_lm(source), lambda: load_lm(target), progress=progress,
                       log=lambda m: print(f"[{pair} seed {seed}] {m}", flush=True))
     kd_mode = job.check_models()
-    res = {"source": job.stage_source(), "discriminator": job.stage_discriminator(),
-           "synthetic": job.stage_synthetic()}
-    for inputs in DISTILL_INPUTS:
-        res[f"distill-{inputs}"] = job.stage_distill(inputs)
-    res["upper-bound"] = job.stage_upper_bound()
-    res["target_zero_shot"] = job.stage_target_zero_shot()
+    res = {"source": job.stage_source(), "target_zero_shot": job.stage_target_zero_shot(),
+           "upper-bound": job.stage_upper_bound()}
+    if transfer:
+        res["discriminator"] = job.stage_discriminator()
+        res["synthetic"] = job.stage_synthetic()
+        for inputs in DISTILL_INPUTS:
+            res[f"distill-{inputs}"] = job.stage_distill(inputs)
     res["kd_mode"] = kd_mode
     return res
 
@@ -170,6 +173,9 @@ def main(argv=None) -> int:
     runs = Path(args.runs)
     results: dict = {pair: {} for pair in args.pairs}
     wall = {}
+    for seed in args.seeds:  # first the stages that need no discriminator, for every pair
+        for pair in args.pairs:
+            run_pair(pair, seed, runs, SETTINGS, not args.no_progress, transfer=False)
     for seed in args.seeds:
         for pair in args.pairs:
             t0 = time.time()

@@ -64,8 +64,8 @@ class TransferConfig:
     n_disc: int = 150
     source_epochs: int = 2
     source_lr: float = 1e-3
-    disc_epochs: int = 3
-    disc_lr: float = 3e-3
+    disc_epochs: int = 15
+    disc_lr: float = 1e-3
     distill_epochs: int = 6
     distill_lr: float = 3e-3
     batch_size: int = 16
