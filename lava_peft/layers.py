@@ -39,9 +39,7 @@ from .errors import AdapterNameError, LavaError
 from .fused_linear import frozen_linear_weight, fusable
 from .methods.base import LayerSpec
 from .methods.factors import adapter_factors
-
-BASE_NAME = "__base__"
-"""Name that selects the plain base model for a sample in a mixed-adapter batch."""
+from .mixed_batch import BASE_NAME, MixedBatch, grouped_lowrank_forward  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- layer ops
@@ -415,6 +413,9 @@ class AdaptedLayer(nn.Module):
         if len(groups) == 1:
             name = groups[0][0]
             return self._forward_with(x, [name]) if name in self.adapters else self.base_layer(x)
+        grouped = grouped_lowrank_forward(self, x, plan)  # low-rank adapters: two batched GEMMs (mixed_batch.py)
+        if grouped is not None:
+            return grouped
         weight_path = [(n, idx) for n, idx in groups if n in self.adapters and self.adapters[n].uses_weight_path()]
         plain = [(n, idx) for n, idx in groups if not (n in self.adapters and self.adapters[n].uses_weight_path())]
         if not weight_path:
@@ -447,46 +448,6 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-class MixedBatch:
-    """Per-sample adapter names for one mixed-adapter forward pass, with cached row groups.
-
-    ``groups(batch, device)`` returns ``[(name, row indices)]`` once per batch size and
-    device (shared by every layer).  With ``expand=True`` (used by ``generate``) a batch
-    that is ``k`` times longer than ``names`` is read as each sample repeated ``k`` times
-    in a row (``repeat_interleave``), which is how transformers expands inputs for beam
-    search and ``num_return_sequences``.
-    """
-
-    def __init__(self, names: Sequence[str], expand: bool = False):
-        self.names = list(names)
-        self.expand = expand
-        self._cache: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def groups(self, batch: int, device) -> list[tuple[str, torch.Tensor]]:
-        key = (int(batch), str(device))
-        hit = self._cache.get(key)
-        if hit is None:
-            n = len(self.names)
-            if batch == n:
-                rep = 1
-            elif self.expand and n and batch % n == 0:
-                rep = batch // n
-            else:
-                raise LavaError(
-                    f"adapter_names has {n} entries but the batch has {batch} samples; "
-                    f"give one adapter name per sample (use {BASE_NAME!r} for the base model)"
-                )
-            rows: dict[str, list[int]] = {}
-            for i, name in enumerate(self.names):
-                rows.setdefault(name, []).extend(range(i * rep, (i + 1) * rep))
-            hit = [(name, torch.tensor(r, dtype=torch.long, device=device)) for name, r in rows.items()]
-            self._cache[key] = hit
-        return hit
 
 
 class SavedModuleWrapper(nn.Module):
