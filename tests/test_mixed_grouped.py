@@ -3,6 +3,7 @@ per-adapter loop and per-sample single-adapter runs; its factor cache follows ev
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lava_peft as lp
@@ -43,11 +44,12 @@ def _llama_with_three_ranks():
     return model.eval()
 
 
-def test_grouped_equals_loop_and_single_runs_with_different_ranks_and_base_rows():
+@pytest.mark.parametrize("strategy", ["rows", "adapters"])
+def test_grouped_equals_loop_and_single_runs_with_different_ranks_and_base_rows(strategy):
     model = _llama_with_three_ranks()
     ids = torch.randint(2, 64, (7, 6))
-    names = ["b", "a", lp.BASE_NAME, "c", "a", "b", "c"]
-    with torch.no_grad():
+    names = ["b", "a", lp.BASE_NAME, "c", "a", "b", "a"]  # uneven blocks: "a" has 3 rows, "c" 1
+    with torch.no_grad(), use_grouped_products(True, strategy):
         grouped = model(input_ids=ids, adapter_names=names).logits
         assert _cached_layers(model) == len(list(adapted_layers(model.model)))
         with use_grouped_products(False):
@@ -77,6 +79,12 @@ def test_gpt2_conv1d_layers_take_the_grouped_path():
     torch.testing.assert_close(grouped, single, rtol=1e-5, atol=1e-5)
 
 
+def test_strategy_is_checked():
+    with pytest.raises(lp.LavaError, match="strategy"):
+        with use_grouped_products(True, "segments"):
+            pass
+
+
 def test_generate_with_expanded_rows_uses_the_grouped_path():
     model = _llama_with_three_ranks()
     ids = torch.randint(2, 64, (3, 4))
@@ -84,10 +92,13 @@ def test_generate_with_expanded_rows_uses_the_grouped_path():
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, num_beams=2, num_return_sequences=2,
               max_new_tokens=4, pad_token_id=1)
     with torch.no_grad():
-        grouped = model.generate(input_ids=ids, adapter_names=names, **kw)
+        grouped = model.generate(input_ids=ids, adapter_names=names, **kw)  # prefill per row, decoding per adapter
         assert _cached_layers(model) > 0
         with use_grouped_products(False):
             loop = model.generate(input_ids=ids, adapter_names=names, **kw)
+        for strategy in ("rows", "adapters"):
+            with use_grouped_products(True, strategy):
+                assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **kw), loop)
     assert torch.equal(grouped, loop)
 
 
