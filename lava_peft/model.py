@@ -313,13 +313,13 @@ class AdaptedModel(AdapterFiles, nn.Module):
         model it unmerges the old and merges the new adapters in place.
         """
         names = self.check_known(adapter_name)
-        layers = [layer for _, layer in adapted_layers(self.model)]
-        if not any(layer.merged_adapters for layer in layers):
+        pairs = list(adapted_layers(self.model))
+        if not any(layer.merged_adapters for _, layer in pairs):
             self._apply_active(names)
             return
-        self._check_mergeable(names)
+        self._check_mergeable(names, pairs)
         self._apply_active(names)
-        for layer in layers:
+        for _, layer in pairs:
             layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
     def replace_adapter(self, adapter_name: str, config: AdapterConfig, adapters: dict[str, nn.Module]) -> None:
@@ -406,8 +406,8 @@ class AdaptedModel(AdapterFiles, nn.Module):
     def exact_unmerge(self, value: bool) -> None:
         self.__dict__["_exact_unmerge"] = bool(value)
 
-    def _check_mergeable(self, names: Sequence[str]) -> None:
-        check_mergeable(self.model, names)
+    def _check_mergeable(self, names: Sequence[str], layers=None) -> None:
+        check_mergeable(self.model, names, layers)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).
