@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import AdapterNameError, LavaError
 from .fused_linear import frozen_linear_weight, fusable
-from .methods.base import LayerSpec
+from .methods.base import DeltaAdapter, LayerSpec, ModuleAdapter
 from .methods.factors import adapter_factors
 from .mixed_batch import BASE_NAME, MixedBatch, grouped_lowrank_forward  # noqa: F401 (re-exported)
 
@@ -150,6 +150,23 @@ def _scatter_add_(canonical: torch.Tensor, indices: torch.Tensor, values: torch.
             coords.append(rest % size)
             rest = rest // size
         canonical.index_put_(tuple(reversed(coords)), values if alpha == 1.0 else values * alpha, accumulate=True)
+
+
+def walk_modules(model: nn.Module, stop: tuple[type, ...] = (DeltaAdapter, ModuleAdapter), prefix: str = "",
+                 _seen: set | None = None):
+    """``model.named_modules()`` (same order, same names, each module once) without descending into instances
+    of ``stop`` (they are yielded themselves).  By default it skips the insides of adapters, which hold no
+    layers, wrappers or hosts: a model with ``n`` adapters is walked in time independent of ``n``'s modules."""
+    seen = set() if _seen is None else _seen
+    if id(model) in seen:
+        return
+    seen.add(id(model))
+    yield prefix, model
+    if isinstance(model, stop):
+        return
+    for name, child in model._modules.items():
+        if child is not None:
+            yield from walk_modules(child, stop, f"{prefix}.{name}" if prefix else name, seen)
 
 
 def all_finite(t: torch.Tensor) -> bool:
