@@ -371,9 +371,10 @@ class AdaptedLayer(nn.Module):
         (MiniLM's 37 layers: 53 ms vs 17 ms per switch).  Writing a memory-mapped weight copies its pages
         anyway, so this costs no extra memory."""
         weight = self.base_weight
-        if weight.device.type == "cpu" and weight.data_ptr() % 64:
-            weight.data = weight.data.clone()
-        return weight.data
+        data = weight.data
+        if data.device.type == "cpu" and type(data) is torch.Tensor and data.data_ptr() % 64:  # plain CPU tensors
+            weight.data = data = data.clone()
+        return data
 
     def _addmm_factors_(self, up: torch.Tensor, down: torch.Tensor, alpha: float, source: torch.Tensor | None) -> None:
         """``W ← (source or W) + alpha·up@down`` (canonical ``O × F``) as one in-place GEMM."""

@@ -243,7 +243,11 @@ def grouped_lowrank_forward(layer, x: torch.Tensor, plan: MixedBatch) -> torch.T
         # per row: gather each row's factors (B·R·(I+O) values), then two bmm over the rows
         slots = plan.row_slots(batch, x.device)
         hidden = torch.bmm(x3, down.index_select(0, slots).transpose(1, 2))
-        out = torch.baddbmm(base3, hidden.to(base.dtype), up_t.index_select(0, slots))
+        up_rows = up_t.index_select(0, slots)
+        if torch.is_grad_enabled():
+            out = torch.baddbmm(base3, hidden.to(base.dtype), up_rows)
+        else:  # the fresh base output is ours: accumulate into it (no second B·T·O tensor)
+            out = base3.baddbmm_(hidden.to(base.dtype), up_rows)
     else:
         # per adapter: regroup the rows by adapter (B·T·(I+O) values moved), two bmm over the adapters
         order, position, most = plan.adapter_layout(batch, x.device)
