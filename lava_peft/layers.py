@@ -38,7 +38,7 @@ from torch import nn
 from .errors import AdapterNameError, LavaError
 from .fused_linear import frozen_linear_weight, fusable
 from .methods.base import DeltaAdapter, LayerSpec, ModuleAdapter
-from .methods.factors import adapter_factors
+from .methods.factors import adapter_factors, adapter_factors_and_scale
 from .mixed_batch import BASE_NAME, MixedBatch, grouped_lowrank_forward  # noqa: F401 (re-exported)
 
 
@@ -290,10 +290,14 @@ class AdaptedLayer(nn.Module):
         parts = [(n, 1.0) for n in target]
         if not has_backup:
             parts = [(n, -1.0) for n in reversed(self.merged_adapters)] + parts
-        fused = [self._fused_factors(n) for n, _ in parts] if parts else []
+        fused = [self._fused_parts(n) for n, _ in parts] if parts else []
         if (has_backup or not backup) and parts and all(f is not None for f in fused):
-            up = torch.cat([f[0] * sign if sign != 1.0 else f[0] for f, (_, sign) in zip(fused, parts)], dim=1)
-            down = torch.cat([f[1] for f in fused], dim=0)
+            # [s_b B_b | −s_a B_a] as one cat and one multiply by the column scales (the same fp32 products
+            # as scaling each factor: −(s·x) = (−s)·x exactly)
+            raw_up = torch.cat([f[0] for f in fused], dim=1)
+            scales = [f[2] * sign for f, (_, sign) in zip(fused, parts) for _ in range(f[0].shape[1])]
+            up = (raw_up * torch.tensor(scales, dtype=raw_up.dtype, device=raw_up.device)).to(self.base_weight.dtype)
+            down = torch.cat([f[1] for f in fused], dim=0).to(self.base_weight.dtype)
             self._addmm_factors_(up, down, 1.0, self._merge_backup)
             self.merged_adapters[:] = target
             return
@@ -318,6 +322,20 @@ class AdaptedLayer(nn.Module):
             return None
         flat = factors.flattened()
         return flat.up.to(weight.dtype), flat.modes[0].to(weight.dtype)
+
+    def _fused_parts(self, name: str):
+        """``(up (O,R), down (R,F), scale)`` unscaled, in the adapter's dtype: :meth:`_fused_factors` is
+        ``(up·scale, down)`` cast to the weight's dtype; or None when that is None."""
+        weight = self.base_weight
+        if weight.dtype not in (torch.float32, torch.float64) or not weight.is_contiguous():
+            return None
+        if not self.adapters[name].merges_additively:
+            return None
+        found = adapter_factors_and_scale(self.adapters[name])
+        if found is None:
+            return None
+        flat = found[0].flattened()
+        return flat.up, flat.modes[0], found[1]
 
     def _sparse_delta(self, name: str):
         """``(flat indices, values)`` with ``ΔW.reshape(-1)[indices] = values`` (canonical layout) for an

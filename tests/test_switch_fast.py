@@ -22,8 +22,8 @@ def _model_with_unaligned_weights(seed: int = 0):
         view.copy_(w)
         layer.weight.data = view
         assert layer.weight.data_ptr() % 64
-    model = lp.adapt(net, lp.LoraConfig(r=3, alpha=6, target_modules=["0", "1"]), "a")
-    model.add_adapter("b", lp.LavaConfig(r=2, alpha=4, target_modules=["0", "1"]))
+    model = lp.adapt(net, lp.LoraConfig(r=3, alpha=5, target_modules=["0", "1"]), "a")
+    model.add_adapter("b", lp.LavaConfig(r=2, alpha=3.3, target_modules=["0", "1"]))
     randomize_adapters(model, std=0.3)
     return model
 
@@ -79,3 +79,23 @@ def test_all_finite_agrees_with_isfinite(bad):
     assert all_finite(t) and all_finite(torch.empty(0))
     t[3, 2] = bad
     assert not all_finite(t) and not bool(torch.isfinite(t).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_switch_gemm_operands_are_bitwise_the_scaled_factors(dtype):
+    """remerge builds ``[−s_a B_a | s_b B_b]`` by one multiply with a column-scale vector: the same numbers as
+    folding each scale into its factor (``_fused_factors``), so the switched weight is bit for bit the same."""
+    model = _model_with_unaligned_weights(2)
+    model.model.to(dtype)
+    with torch.no_grad():
+        model.set_adapter("a")
+        model.merge_adapter()
+        expected = []
+        for layer in (model.model[0], model.model[1]):
+            fb, fa = layer._fused_factors("b"), layer._fused_factors("a")
+            up, down = torch.cat([-fa[0], fb[0]], dim=1), torch.cat([fa[1], fb[1]], dim=0)  # remerge's order
+            expected.append(layer.base_weight.detach().clone().addmm_(up, down))
+        model.set_adapter("b")
+    assert model.model[0].adapters["b"].scale != 1.0 and model.model[0].base_weight.dtype == dtype
+    for got, ref in zip(_weights(model), expected):
+        assert torch.equal(got, ref)
