@@ -231,6 +231,7 @@ class AdaptedLayer(nn.Module):
         if name in self.merged_adapters:
             self.unmerge()
         del self.adapters[name]
+        self.__dict__.pop("_mixed_stacks", None)  # mixed-batch factor stacks (mixed_batch.py) holding its tensors
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def delta_in_base_layout(self, name: str) -> torch.Tensor:
