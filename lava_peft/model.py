@@ -31,7 +31,7 @@ from .inject import (
 )
 from .model_files import AdapterFiles
 from .targets import resolve_for_model, untrained_new_modules
-from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
+from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops, walk_modules
 from .methods.base import ModuleAdapter
 from .merge_checks import check_mergeable
 from .module_layers import ModuleAdapterHost, host_of, module_spec, move_host
@@ -189,7 +189,9 @@ class AdaptedModel(AdapterFiles, nn.Module):
                 "unmerged adapters: call model.unmerge_adapter() first"
             )
         plan = MixedBatch(names, expand=expand)
-        modules = [m for _, m in adapted_layers(self.model)] + [m for _, m in saved_module_wrappers(self.model)]
+        # one walk finds every adapter host and saved-module wrapper (what adapted_layers + saved_module_wrappers yield)
+        modules = [m for _, m in walk_modules(self.model) if isinstance(m, (AdaptedLayer, ModuleAdapterHost,
+                                                                            SavedModuleWrapper))]
         for m in modules:
             m.mixed_adapter_names = plan
         try:
