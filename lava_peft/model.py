@@ -34,7 +34,7 @@ from .inject import (
 from .model_files import AdapterFiles
 from .base_init_files import apply_base_change, base_init_warnings, note_base_init, warn_residual_left
 from .targets import resolve_for_model, untrained_new_modules
-from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops
+from .layers import BASE_NAME, AdaptedLayer, MixedBatch, SavedModuleWrapper, layer_ops, walk_modules
 from .methods.base import ModuleAdapter
 from .merge_checks import check_mergeable
 from .module_layers import ModuleAdapterHost, host_of, module_spec, move_host
@@ -204,7 +204,9 @@ class AdaptedModel(AdapterFiles, nn.Module):
                 "unmerged adapters: call model.unmerge_adapter() first"
             )
         plan = MixedBatch(names, expand=expand)
-        modules = [m for _, m in adapted_layers(self.model)] + [m for _, m in saved_module_wrappers(self.model)]
+        # one walk finds every adapter host and saved-module wrapper (what adapted_layers + saved_module_wrappers yield)
+        modules = [m for _, m in walk_modules(self.model) if isinstance(m, (AdaptedLayer, ModuleAdapterHost,
+                                                                            SavedModuleWrapper))]
         for m in modules:
             m.mixed_adapter_names = plan
         try:
@@ -333,13 +335,13 @@ class AdaptedModel(AdapterFiles, nn.Module):
         model it unmerges the old and merges the new adapters in place.
         """
         names = self.check_known(adapter_name)
-        layers = [layer for _, layer in adapted_layers(self.model)]
-        if not any(layer.merged_adapters for layer in layers):
+        pairs = list(adapted_layers(self.model))
+        if not any(layer.merged_adapters for _, layer in pairs):
             self._apply_active(names)
             return
-        self._check_mergeable(names)
+        self._check_mergeable(names, pairs)
         self._apply_active(names)
-        for layer in layers:
+        for _, layer in pairs:
             layer.remerge(layer.active_adapters, backup=self.exact_unmerge, check=False)
 
     def replace_adapter(self, adapter_name: str, config: AdapterConfig, adapters: dict[str, nn.Module]) -> None:
@@ -427,8 +429,8 @@ class AdaptedModel(AdapterFiles, nn.Module):
     def exact_unmerge(self, value: bool) -> None:
         self.__dict__["_exact_unmerge"] = bool(value)
 
-    def _check_mergeable(self, names: Sequence[str]) -> None:
-        check_mergeable(self.model, names)
+    def _check_mergeable(self, names: Sequence[str], layers=None) -> None:
+        check_mergeable(self.model, names, layers)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Add the active adapters' ``ΔW`` into the base weights in place (no inference overhead).

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .errors import LavaError, UnsupportedLayerError
-from .layers import MixedBatch, layer_ops
+from .layers import MixedBatch, layer_ops, walk_modules
 from .methods.base import ModuleSpec
 
 HOST_ATTRIBUTE = "lava_module_adapters"
@@ -230,7 +230,7 @@ def _split_output(output, module):
 
 def module_hosts(model: nn.Module):
     """``(path of the hosting module, host)`` pairs."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, ModuleAdapterHost):
             yield name.rpartition(".")[0], module
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import TASK_HEADS, AdapterConfig
 from .errors import TargetModulesError
-from .layers import AdaptedLayer, SavedModuleWrapper
+from .layers import AdaptedLayer, SavedModuleWrapper, walk_modules
 
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     # encoders (BERT family, incl. sentence-transformers MiniLM)
@@ -112,13 +112,9 @@ def newly_initialized_modules(model: nn.Module) -> list[str]:
     but none so marked, in a model where others are, was created from scratch."""
     loaded_any = False
     fresh = []
-    wrappers: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrappers):
-            continue  # adapters and saved copies: another adapter's business
+    for name, module in walk_modules(model, (AdaptedLayer, SavedModuleWrapper)):
         if isinstance(module, (AdaptedLayer, SavedModuleWrapper)):
-            wrappers.append(name)
-            continue
+            continue  # adapters and saved copies (not walked into): another adapter's business
         own = list(module.parameters(recurse=False))
         if not own:
             continue

@@ -172,6 +172,12 @@ class FactorCodec:
         up, modes, scale = adapter.effective_factors()
         return Factors.from_modes(up * scale if scaled else up, modes)
 
+    def read_with_scale(self, adapter) -> tuple[Factors, float]:
+        """``(raw factors, scale)`` from one :meth:`~.base.DeltaAdapter.effective_factors` call: what
+        :meth:`read` returns is ``up · scale`` with these (a caller scaling many factors at once uses it)."""
+        up, modes, scale = adapter.effective_factors()
+        return Factors.from_modes(up, modes), scale
+
     def write(self, adapter, factors: Factors) -> None:  # pragma: no cover - abstract
         """Copy ``factors`` (native form, rank = adapter's rank) into the adapter in place."""
         raise NotImplementedError
@@ -271,6 +277,13 @@ def adapter_factors(adapter) -> Factors | None:
     method = method_of(adapter)
     codec = _CODECS.get(method) if method else None
     return codec.read(adapter) if codec is not None else None
+
+
+def adapter_factors_and_scale(adapter) -> tuple[Factors, float] | None:
+    """The adapter's raw factors and scale (``adapter_factors`` folds the scale into ``up``), or ``None``."""
+    method = method_of(adapter)
+    codec = _CODECS.get(method) if method else None
+    return codec.read_with_scale(adapter) if codec is not None else None
 
 
 def to_native(factors: Factors, codec: FactorCodec, spec: LayerSpec) -> Factors | None:
