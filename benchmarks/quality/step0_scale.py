@@ -146,6 +146,7 @@ def main(argv=None) -> int:
         s = SUITES[suite]
         size = ns.vgg_image_size if suite == "vgg" else s.image_size
         for variant in ns.variants.split(","):
+            set_seed(0)  # the same data subset and minibatch for every variant, whatever ran before
             task = build_task(s.model, s.data, n_train=s.batch_size, n_eval=s.batch_size, seed=0, image_size=size)
             batch = {k: v[: s.batch_size] for k, v in task.train.items()}
             records.append(measure(suite, variant, batch, task))
