@@ -1,8 +1,0 @@
-cd /work/wt-mbv2
-while kill -0 $(cat logs/vggA.pid) 2>/dev/null; do sleep 15; done
-export PYTHONPATH=$PWD OMP_NUM_THREADS=1
-PY=/work/main/.venv/bin/python
-V="--suite vgg --image-size 32 --n-train 400 --n-eval 400 --epochs 2"
-nice -n 10 $PY -m benchmarks.quality.evidence $V --variants lava_vstep --seeds 0,1,2
-nice -n 10 $PY -m benchmarks.quality.evidence $V --variants lava_l0,lava_l001,lava_l1 --seeds 0,1,2
-nice -n 10 $PY -m benchmarks.quality.evidence $V --variants dora --seeds 0,1,2
