@@ -4,7 +4,9 @@ With the default init (``U`` orthonormal columns, ``V = 0``) only ``V`` has a gr
 and Adam's first update is ``δV = −lr·g/(|g| + ε)``, i.e. ``±lr`` per entry (``|g| ≫ ε``).  As
 ``UᵀU = I``::
 
-    ‖ΔW‖_F² = s² · Σ_j p_j² · ‖δV_j‖² = s² · lr² · (I/groups) · Σ_j p_j²,   p_j = Π_k P_k[j, ·] (flattened)
+    ‖ΔW‖_F² = s² · Σ_j ‖p_j‖² · ‖δV_j‖² = s² · lr² · (I/groups) · Σ_j ‖p_j‖²
+
+(``p_j = P1[j] ⊗ P2[j]``, the component's spatial kernel)
 
 — independent of the gradient's size.  With ``init="lora"`` (``U = 0``, ``V`` random) the roles
 swap: ``ΔW = s · δU · [v_j ⊗ p_j]`` with ``δU = ±lr`` per entry, ``O`` rows of them (LoRA's

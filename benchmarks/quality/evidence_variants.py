@@ -21,11 +21,11 @@ spatial factors N(0, 1/k), λ = 0.1 on U):
   steps move every entry of the zero-initialised factor by about ±lr whatever the gradient's
   size, so the first change of ``ΔW`` is set by the *other* factors' norms.  Per component:
   LoRA (``B = 0``, ``A`` Kaiming-uniform, rows of squared norm 1/3) moves ``ΔW`` by
-  ``s·lr·√(O/3)``; LAVA (``V = 0``, ``‖u_j‖ = 1``, ``E‖P_kj‖² = 1``) by ``s·lr·|p_j|·√I``
+  ``s·lr·√(O/3)``; LAVA (``V = 0``, ``‖u_j‖ = 1``, ``E‖P_kj‖² = 1``) by ``s·lr·‖p_j‖·√I``
   (``I`` = in/groups).  The ratio ``√(3I/O)`` is 1/10–1/18 on depthwise convs (I = 1), about
   4 on 1×1 projections (I = 6·O) and 0.7 on 1×1 expansions.  This variant trains ``V`` of each
   layer at ``lr·√(O/(3I))``, which gives LAVA's first step LoRA's size in every layer
-  (``init="lora"`` has it by construction: its step is ``s·lr·|p_j|·√(O/3)``).
+  (``init="lora"`` has it by construction: its step is ``s·lr·‖p_j‖·√(O/3)``).
 * ``dora`` / ``lava_dora``: LoRA r = 8 / LAVA CP with ``use_dora=True`` (DoRA's magnitude
   vector adds ``O`` parameters per layer on top of the matched budget).
 
