@@ -35,8 +35,9 @@ bench-quality: venv
 # LAVA's evidence (issue 18) at full size: CP vs Tucker-2 vs flattened LoRA, lr chosen on a validation split
 FULL := --n-train 4000 --n-eval 2000 --epochs 3 --seeds 0,1,2,3,4 --select-lr --out benchmarks/results
 bench-evidence: venv data
-	$(PY) -m benchmarks.quality.evidence --suite mobilenet --variants lora,lava,lava_tucker $(FULL)
-	$(PY) -m benchmarks.quality.evidence --suite vgg --variants lora,lava,lava_tucker,lava_l0,lava_l001,lava_l1 $(FULL)
+	$(PY) -m benchmarks.quality.step0_scale --out benchmarks/results
+	$(PY) -m benchmarks.quality.evidence --suite mobilenet --variants lora,lava,lava_tucker,lava_initlora,lava_vstep,dora $(FULL)
+	$(PY) -m benchmarks.quality.evidence --suite vgg --variants lora,lava,lava_tucker,lava_initlora,lava_vstep,dora,lava_l0,lava_l001,lava_l1 $(FULL)
 	$(PY) -m benchmarks.quality.evidence --suite text_qv --variants lora,lava $(FULL)
 	$(PY) -m benchmarks.quality.evidence --suite text_all --variants lora,lava $(FULL)
 

@@ -100,8 +100,9 @@ def train_run(model, info: dict, train: dict, s: Suite, lr: float, seed: int) ->
     torch_groups = [{"params": [p for _, p in groups["head"]], "lr": s.head_lr}] if groups["head"] else []
     adapter = groups["adapter"] + groups["other"]
     by_scale: dict[float, list] = {}
+    by_param = info.get("lr_scale_params", {})
     for name, p in adapter:
-        f = next((v for k, v in scale.items() if k in name), 1.0)
+        f = by_param.get(id(p), next((v for k, v in scale.items() if k in name), 1.0))
         by_scale.setdefault(f, []).append(p)
     torch_groups += [{"params": ps, "lr": lr * f} for f, ps in by_scale.items()]
     opt = torch.optim.AdamW(torch_groups, lr=lr, weight_decay=0.0)

@@ -18,7 +18,8 @@ section); the issue's full-size runs (4k train / 2k held-out, 3 epochs) remain u
 they are one flag away: `--n-train 4000 --n-eval 2000 --epochs 3`.
 
 Paired difference: the variant's accuracy minus LoRA's *on the same seed* (same data order
-and head init), mean ± std over the seeds both have, and how many seeds the variant wins.
+and head init), mean ± std over the seeds both have, and how many seeds the variant wins;
+the same against default LAVA (CP, λ = 0.1) at the same lr in the column after.
 """
 
 
@@ -57,13 +58,16 @@ def write_report(out: Path, runs: list[dict]) -> Path:
                 lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells) + " |")
             lines.append("")
         test = [r for r in rs if r["phase"] == "test"]
-        base, base_same_lr = {}, {}
+        base, base_same_lr, lava = {}, {}, {}
         for r in test:
             if r["variant"] == "lora":
                 base.setdefault(r["seed"], r["accuracy"])
                 base_same_lr[(r["seed"], r["lr"])] = r["accuracy"]
-        lines += ["| variant | lr | rank | adapter params | accuracy % | seeds | paired Δ vs LoRA (pts) | wins | s/run |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+            if r["variant"] == "lava":
+                lava[(r["seed"], r["lr"])] = r["accuracy"]
+        lines += ["| variant | lr | rank | adapter params | accuracy % | seeds | paired Δ vs LoRA (pts) | wins | "
+                  "paired Δ vs LAVA default (pts) | wins | s/run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = {}
         for r in test:
             groups.setdefault((r["variant"], r["lr"]), []).append(r)
@@ -73,8 +77,13 @@ def write_report(out: Path, runs: list[dict]) -> Path:
             d = "-" if v == "lora" or not diffs else (
                 f"{100 * statistics.mean(diffs):+.1f}" + (f" ± {100 * statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""))
             wins = "-" if v == "lora" or not diffs else f"{sum(x > 0 for x in diffs)}/{len(diffs)}"
+            dl = [r["accuracy"] - lava[(r["seed"], r["lr"])] for r in g if (r["seed"], r["lr"]) in lava]
+            d2 = "-" if v == "lava" or not dl else (
+                f"{100 * statistics.mean(dl):+.1f}" + (f" ± {100 * statistics.stdev(dl):.1f}" if len(dl) > 1 else ""))
+            wins2 = "-" if v == "lava" or not dl else f"{sum(x > 0 for x in dl)}/{len(dl)}"
             lines.append(f"| {LABELS.get(v, v)} | {lr:g} | {g[0]['rank']} | {g[0]['adapter_params']:,d} | "
                          f"**{_fmt(accs)}** | {len(g)} ({', '.join(str(r['seed']) for r in g)}) | {d} | {wins} | "
+                         f"{d2} | {wins2} | "
                          f"{statistics.mean(r['train_seconds'] for r in g):.0f} |")
         lines.append("")
     path = out / "evidence.md"
