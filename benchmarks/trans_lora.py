@@ -97,6 +97,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _paired(rows: dict, a: str, b: str) -> str:
+    """``mean ± std`` of the per-seed differences ``a − b`` in points, and how many seeds have ``a > b``."""
+    diffs = [100 * (x - y) for x, y in zip(rows[a]["per_seed"], rows[b]["per_seed"])]
+    mean, std = _mean_std(diffs)
+    return f"{mean:+.1f} ± {std:.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+
+
 def report(results: dict, seeds: list[int], args_line: str, wall: dict, runs_dir: Path) -> tuple[dict, str]:
     table: dict = {}
     for pair, per_seed in results.items():
@@ -124,10 +131,12 @@ def report(results: dict, seeds: list[int], args_line: str, wall: dict, runs_dir
              "mean ± std over seeds (per-seed values in the JSON).", "", NOTES]
     for pair, t in table.items():
         lines += [f"## {pair}-family: {t['source']} -> {t['target']} (KD: {t['kd_mode']})", "",
-                  "| row | accuracy |", "|---|---|"]
+                  "| row | accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|---|" + "---|" * len(seeds)]
         for key, label in ROWS:
             r = t["rows"][key]
-            lines.append(f"| {label} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} |")
+            lines.append(f"| {label} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} | "
+                         + " | ".join(f"{100 * v:.1f}" for v in r["per_seed"]) + " |")
         lines += ["", f"Discriminator held-out accuracy (real vs source-generated): "
                       f"{', '.join(f'{100 * a:.1f} %' for a in t['discriminator_held_out_accuracy'])}; "
                       f"acceptance rate of target-generated candidates: "
@@ -138,11 +147,19 @@ def report(results: dict, seeds: list[int], args_line: str, wall: dict, runs_dir
         sd = {k: v["std"] for k, v in t["rows"].items()}
         ge = r["distill-filtered"] >= r["source"] and r["distill-filtered"] >= r["target_zero_shot"]
         fu = r["distill-filtered"] > r["distill-unfiltered"]
+        pairs_txt = "; ".join(
+            f"{name} {_paired(t['rows'], a, b)}" for name, a, b in (
+                ("filtered − unfiltered", "distill-filtered", "distill-unfiltered"),
+                ("filtered − target zero-shot", "distill-filtered", "target_zero_shot"),
+                ("filtered − source", "distill-filtered", "source"),
+                ("filtered − seeds only", "distill-filtered", "distill-seeds"),
+                ("filtered − random text", "distill-filtered", "distill-random-text")))
         lines.append(f"* **{pair}-family**: transfer ≥ source and ≥ target zero-shot: **{'yes' if ge else 'no'}** "
                      f"({100 * r['distill-filtered']:.1f} vs {100 * r['source']:.1f} and {100 * r['target_zero_shot']:.1f}); "
                      f"filtered > unfiltered: **{'yes' if fu else 'no'}** ({100 * r['distill-filtered']:.1f} ± "
                      f"{100 * sd['distill-filtered']:.1f} vs {100 * r['distill-unfiltered']:.1f} ± "
                      f"{100 * sd['distill-unfiltered']:.1f}).")
+        lines.append(f"  Paired differences by seed, points (mean ± std, seeds where the first is higher): {pairs_txt}.")
         if r["source"] < 0.55:
             lines.append(f"  The source adapter itself scores {100 * r['source']:.1f} % (chance is 50 %), so there is "
                          "no task skill to transfer: these comparisons are not evidence for or against the claims.")
