@@ -41,7 +41,8 @@ fi
 OUT="${RESULTS_DIR:-benchmarks/results}"
 ONLY=",${GPU_ALL_ONLY:-},"
 ALL="llm,cnn,llm-quant,minilm,conv-mobilenet,conv-craft,mixed_serving,switching,load_time,fusion_micro"
-for name in ${GPU_ALL_ONLY//,/ }; do
+ONLY_LIST="${GPU_ALL_ONLY:-}"
+for name in ${ONLY_LIST//,/ }; do
   [[ ",$ALL," == *",$name,"* ]] || { echo "GPU_ALL_ONLY: unknown scenario '$name' (known: $ALL)" >&2; exit 2; }
 done
 if [ "$DRY" = 1 ]; then

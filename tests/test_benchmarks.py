@@ -138,6 +138,7 @@ def test_conv_scenario_on_craft_vgg_leaves_the_dilated_conv_out_of_pefts_targets
 
 
 # --------------------------------------------------------------------------- gpu_all.sh / gpu_summary.py
+GPU_ALL = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_all.sh")
 GPU_SCENARIOS = ["llm", "cnn", "llm-quant", "minilm", "conv-mobilenet", "conv-craft", "mixed_serving", "switching",
                  "load_time", "fusion_micro"]
 
@@ -148,7 +149,7 @@ def _gpu_all_dry_run(tmp_path, **env):
     import sys
 
     out = tmp_path / "gpu"
-    proc = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--dry-run"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run(["bash", GPU_ALL, "--dry-run"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": sys.executable, "RESULTS_DIR": str(out), **env})
     assert proc.returncode == 0, proc.stderr
     assert not out.exists()  # a dry run writes nothing
@@ -181,9 +182,9 @@ def test_gpu_all_dry_run_lists_every_scenario_with_valid_arguments(tmp_path, mon
     assert summary[summary.index("--expect") + 1] == ",".join(GPU_SCENARIOS)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in GPU_SCENARIOS:
-        module = importlib.import_module(commands[name][3])
+        module = importlib.import_module(commands[name][2])
         with pytest.raises(SystemExit) as info:
-            module.main(commands[name][4:])
+            module.main(commands[name][3:])
         assert "no CUDA device visible to torch" in str(info.value.code), name
 
 
@@ -194,7 +195,7 @@ def test_gpu_all_subset_and_unknown_names(tmp_path):
     commands, _ = _gpu_all_dry_run(tmp_path, GPU_ALL_ONLY="switching,cnn")
     assert list(commands) == ["cnn", "switching", "summary"]
     assert commands["summary"][commands["summary"].index("--expect") + 1] == "cnn,switching"
-    proc = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--dry-run"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run(["bash", GPU_ALL, "--dry-run"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "GPU_ALL_ONLY": "llm,resnet"})
     assert proc.returncode == 2 and "unknown scenario 'resnet'" in proc.stderr
 
