@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
