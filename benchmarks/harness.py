@@ -78,9 +78,34 @@ class Variant:
         self.optimizer = torch.optim.AdamW(params, lr=self.lr) if params else None
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA); a no-op on the CPU.  Put around every timed region."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """``(wall seconds, result)`` of ``fn()``, synchronising the device before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """``torch.cuda.max_memory_allocated`` since the last :func:`reset_peak_memory`, in GiB; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
 
 
 def train_step(v: Variant, batch, device: torch.device) -> None:
@@ -93,10 +118,10 @@ def train_step(v: Variant, batch, device: torch.device) -> None:
 
 def timed_step(v: Variant, device: torch.device) -> float:
     batch = v.make_batch()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     train_step(v, batch, device)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -139,11 +164,11 @@ def measure_step_peak(v: Variant, device: torch.device) -> int:
     batch = v.make_batch()
     gc.collect()
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         train_step(v, batch, device)
-        _sync(device)
+        sync(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
@@ -320,6 +345,20 @@ def environment(device: torch.device) -> dict:
         env["cuda"] = torch.version.cuda
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     return env
+
+
+def gpu_lines(env: dict) -> list[str]:
+    """Markdown bullet naming the GPU of a result's environment record (none for a CPU run)."""
+    if not env.get("gpu"):
+        return []
+    return [f"- GPU: {env['gpu']} ({env.get('gpu_memory_gib')} GiB), CUDA {env.get('cuda')}"]
+
+
+def results_path(stem: str, device: torch.device, ext: str) -> str:
+    """Default output path: ``benchmarks/results/<stem>.<ext>`` on the CPU, ``gpu-<stem>.<ext>`` on CUDA
+    (so a GPU run never overwrites the committed CPU results)."""
+    prefix = "gpu-" if device.type == "cuda" else ""
+    return os.path.join("benchmarks", "results", f"{prefix}{stem}.{ext}")
 
 
 def to_markdown(result: dict) -> str:

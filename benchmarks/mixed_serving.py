@@ -2,6 +2,7 @@
 
     python -m benchmarks.mixed_serving                  # full size
     python -m benchmarks.mixed_serving --quick          # small batch, few repeats (a smoke test)
+    python -m benchmarks.mixed_serving --device cuda    # on a GPU -> benchmarks/results/gpu-mixed_serving.*
 
 Two workloads, each with ``--max-adapters`` LoRA adapters (random factors, every targeted
 linear) held by both libraries (ours exported with ``lp.export_peft`` and loaded by PEFT):
@@ -17,7 +18,9 @@ grouped product switched off (``ours-loop``: the per-adapter loop, as before).  
 of every (row, library) runs once per repeat, the order rotating between repeats, under
 ``torch.no_grad``; the figures are medians.  ``× single`` is a row's throughput over the same
 library's ``single`` throughput (target: 8 adapters ≥ 0.8), ``× PEFT`` our throughput over PEFT's in
-the same row.  The largest ``k`` is also checked: outputs of both libraries agree.
+the same row.  The largest ``k`` is also checked: outputs of both libraries agree.  With ``--device
+cuda`` the models and inputs live on the GPU, every timed call is bracketed by
+``torch.cuda.synchronize()``, and each row also reports its peak ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -37,7 +39,7 @@ import torch
 import lava_peft as lp
 from lava_peft.mixed_batch import use_grouped_products
 
-from .harness import environment
+from .harness import environment, gpu_lines, peak_memory_gib, reset_peak_memory, results_path, timed_call
 
 BERT_TARGETS = r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,11 +94,12 @@ def make_libraries(base, targets, count: int, rank: int, workdir: str):
     return ours.eval(), theirs.eval()
 
 
-def workload_calls(workload: str, ours, theirs, batch: int, seq: int, new_tokens: int, ks: list[int]):
+def workload_calls(workload: str, ours, theirs, batch: int, seq: int, new_tokens: int, ks: list[int],
+                   device: torch.device = torch.device("cpu")):
     """``{(row, library): zero-argument call}`` and the units (samples or tokens) each call produces."""
     gen = torch.Generator().manual_seed(1)
     vocab = ours.model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
     mask = torch.ones_like(ids)
     if workload == "minilm":
         def call(model, names=None):
@@ -126,22 +129,26 @@ def workload_calls(workload: str, ours, theirs, batch: int, seq: int, new_tokens
 
 
 def run_workload(workload: str, args, workdir: str) -> tuple[list[dict], dict]:
+    device = torch.device(args.device)
     base, targets = build_minilm() if workload == "minilm" else build_llama()
+    base = base.to(device)
     ks = [int(k) for k in args.adapters.split(",")]
     ours, theirs = make_libraries(base, targets, max(ks), args.rank, workdir)
     seq = args.seq if workload == "minilm" else args.prompt
-    calls, units = workload_calls(workload, ours, theirs, args.batch, seq, args.new_tokens, ks)
+    calls, units = workload_calls(workload, ours, theirs, args.batch, seq, args.new_tokens, ks, device)
     keys = list(calls)
     times: dict = {k: [] for k in keys}
+    peaks: dict = {}
     with torch.no_grad():
-        for fn in calls.values():  # warm-up (and the first build of the grouped stacks)
-            fn()
+        for key, fn in calls.items():  # warm-up (and the first build of the grouped stacks); CUDA: peak memory
+            reset_peak_memory(device)
+            timed_call(fn, device)
+            peaks[key] = peak_memory_gib(device)
         for rep in range(args.repeats):
             shift = rep % len(keys)
             for key in keys[shift:] + keys[:shift]:
-                t0 = time.perf_counter()
-                calls[key]()
-                times[key].append(time.perf_counter() - t0)
+                seconds, _ = timed_call(calls[key], device)
+                times[key].append(seconds)
             print(f"  {workload}: repeat {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
         k_max = f"{max(ks)} adapters"
         a, b = calls[(k_max, "ours")](), calls[(k_max, "peft")]()
@@ -156,6 +163,8 @@ def run_workload(workload: str, args, workdir: str) -> tuple[list[dict], dict]:
             "min_ms": min(ts) * 1e3, "throughput": units / med, "x_single": single / med,
             "x_peft": statistics.median(peft_same) / med if peft_same else None,
         })
+        if peaks[(row, lib)] is not None:
+            rows[-1]["peak_mem_gib"] = peaks[(row, lib)]
     info = {"workload": workload, "adapters_loaded": max(ks), "rank": args.rank, "batch": args.batch,
             "units_per_call": units, "unit": "samples" if workload == "minilm" else "new tokens",
             ("max_abs_logit_diff_ours_vs_peft" if workload == "minilm" else "differing_tokens_ours_vs_peft"): agree}
@@ -168,13 +177,14 @@ def run_workload(workload: str, args, workdir: str) -> tuple[list[dict], dict]:
 def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        "# Mixed-adapter batches: lava-peft vs HF PEFT `adapter_names` (CPU)", "",
+        f"# Mixed-adapter batches: lava-peft vs HF PEFT `adapter_names` ({'GPU' if env.get('gpu') else 'CPU'})", "",
         f"- date (UTC): {env['date_utc']}",
         f"- command: `{env['command']}`",
         f"- machine: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
         f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
         f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
         f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
+        *gpu_lines(env),
         "- method: one process, every (row, library) call once per repeat in rotating order, `torch.no_grad`, "
         "median over the repeats. `× single` = throughput / the same library's single-adapter throughput "
         "(target for 8 adapters: ≥ 0.8); `× PEFT` = our throughput / PEFT's in the same row. `ours-loop` = ours "
@@ -185,13 +195,15 @@ def to_markdown(result: dict) -> str:
         lines.append(f"- **{info['workload']}**: {info['setup']}; {info['adapters_loaded']} LoRA adapters r={info['rank']} "
                      f"loaded; agreement ours vs PEFT at the largest k: "
                      + ", ".join(f"{k} = {v}" for k, v in info.items() if k.startswith(("max_abs", "differing"))))
-    lines += ["", "| workload | row | library | median ms (min) | throughput | × single | × PEFT |",
-              "|---|---|---|---:|---:|---:|---:|"]
+    mem = any("peak_mem_gib" in r for r in result["rows"])
+    lines += ["", "| workload | row | library | median ms (min) | throughput | × single | × PEFT |"
+              + (" peak MiB |" if mem else ""), "|---|---|---|---:|---:|---:|---:|" + ("---:|" if mem else "")]
     for r in result["rows"]:
         xp = f"{r['x_peft']:.2f}" if r["x_peft"] is not None and r["library"] != "peft" else "—"
         unit = "samples/s" if r["workload"] == "minilm" else "tok/s"
         lines.append(f"| {r['workload']} | {r['row']} | {r['library']} | {r['median_ms']:.1f} ({r['min_ms']:.1f}) | "
-                     f"{r['throughput']:,.0f} {unit} | {r['x_single']:.2f} | {xp} |")
+                     f"{r['throughput']:,.0f} {unit} | {r['x_single']:.2f} | {xp} |"
+                     + (f" {r['peak_mem_gib'] * 1024:,.0f} |" if mem else ""))
     lines += ["", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -208,14 +220,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="batch 32x16, 8 new tokens, 3 repeats (smoke test)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (use 1 on a shared CPU)")
-    ap.add_argument("--json", default="benchmarks/results/mixed_serving.json")
-    ap.add_argument("--md", default="benchmarks/results/mixed_serving.md")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where models and inputs live (cuda: synchronised timing, peak GPU memory per row)")
+    ap.add_argument("--json", help="output JSON (default benchmarks/results/mixed_serving.json; gpu-mixed_serving.json on cuda)")
+    ap.add_argument("--md", help="output markdown (default: as --json with .md)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    args.json = args.json or results_path("mixed_serving", device, "json")
+    args.md = args.md or (args.json[:-5] + ".md" if args.json.endswith(".json") else results_path("mixed_serving", device, "md"))
     if args.quick:
         args.seq, args.new_tokens, args.repeats = 16, 8, 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
+    env = environment(device)
     env["command"] = "python -m benchmarks.mixed_serving " + " ".join(sys.argv[1:] if argv is None else argv)
     rows, infos = [], []
     with tempfile.TemporaryDirectory() as workdir:

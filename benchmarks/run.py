@@ -16,7 +16,7 @@ import sys
 import torch
 
 from .harness import environment, run_interleaved, summarize, write_results
-from . import conv_scenarios  # noqa: F401  (registers cpu-conv)
+from . import conv_scenarios  # noqa: F401  (registers cpu-conv, conv)
 from .scenarios import SCENARIOS
 
 DEFAULTS = {  # (steps, warmup, repeats)
@@ -26,6 +26,8 @@ DEFAULTS = {  # (steps, warmup, repeats)
     "llm-quant": (10, 5, 3),
     "cnn": (10, 5, 3),
     "cpu-conv": (3, 1, 3),
+    "minilm": (10, 5, 3),
+    "conv": (10, 5, 3),
 }
 
 
@@ -64,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--blocks", help="ResNet blocks per stage, e.g. 3,4,6,3 (ResNet-50) or 1,1,1,1")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="cnn: bf16 autocast (default) or fp32")
+    p.add_argument("--dtype", choices=["bf16", "fp32"],
+                   help="cnn / conv: bf16 autocast (default) or fp32; minilm: bf16 weights (default) or fp32")
+    p.add_argument("--backbone", choices=["mobilenet_v2", "craft_vgg16_bn"],
+                   help="cpu-conv / conv: the pretrained CNN (default mobilenet_v2)")
     return p.parse_args(argv)
 
 

