@@ -66,7 +66,7 @@ class TransferConfig:
     source_lr: float = 1e-3
     disc_epochs: int = 15
     disc_lr: float = 1e-3
-    distill_epochs: int = 6
+    distill_epochs: int = 30
     distill_lr: float = 3e-3
     batch_size: int = 16
     kd: str = "auto"
