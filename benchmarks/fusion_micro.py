@@ -32,7 +32,7 @@ from torch import nn
 import lava_peft as lp
 from lava_peft.inject import shared_input_groups
 
-from .harness import environment, gpu_lines, peak_memory_gib, reset_peak_memory, sync
+from .harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, sync, write_texts
 
 CASES = {  # name: (tokens B×T, in, [outs])
     "MiniLM q/k/v (2048×384 → 3×384)": (32 * 64, 384, [384, 384, 384]),
@@ -112,9 +112,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: synchronised wall-time medians and peak GPU memory instead of CPU time")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    device = benchmark_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(device)
@@ -154,13 +152,7 @@ def main(argv=None) -> None:
     if args.json:
         result = {"environment": env, "rank": args.rank, "reps": args.reps, "headline": key, "cases": cases}
         outputs.append((args.json, json.dumps(result, indent=1) + "\n"))
-    for path, body in outputs:
-        if not path:
-            continue
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(body)
-        os.replace(tmp, path)
+    write_texts(outputs)
     print(text)
 
 

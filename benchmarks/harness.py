@@ -416,10 +416,9 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(result: dict, json_path: str | None, md_path: str | None) -> None:
-    if hasattr(os, "getloadavg"):
-        result["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    for path, text in ((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result) if md_path else "")):
+def write_texts(outputs) -> None:
+    """Write each ``(path, text)`` (``path`` None: skipped) through a temp file and a rename."""
+    for path, text in outputs:
         if not path:
             continue
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -427,3 +426,21 @@ def write_results(result: dict, json_path: str | None, md_path: str | None) -> N
         with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
+
+
+def benchmark_device(args, stem: str | None = None) -> torch.device:
+    """``torch.device(args.device)``, refused when CUDA is asked for and absent; with ``stem``, fills
+    ``args.json`` / ``args.md`` with the defaults of :func:`results_path` (``.md`` beside ``--json``)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if stem is not None:
+        args.json = args.json or results_path(stem, device, "json")
+        args.md = args.md or (args.json[:-5] + ".md" if args.json.endswith(".json") else results_path(stem, device, "md"))
+    return device
+
+
+def write_results(result: dict, json_path: str | None, md_path: str | None) -> None:
+    if hasattr(os, "getloadavg"):
+        result["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_texts(((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result) if md_path else "")))

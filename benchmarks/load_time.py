@@ -36,7 +36,7 @@ import torch
 
 import lava_peft as lp
 
-from .harness import environment, gpu_lines, peak_memory_gib, reset_peak_memory, results_path, sync
+from .harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, sync, write_texts
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -108,11 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="output JSON (default benchmarks/results/load_time.json; gpu-load_time.json on cuda)")
     ap.add_argument("--md", help="output markdown (default: as --json with .md)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    args.json = args.json or results_path("load_time", device, "json")
-    args.md = args.md or (args.json[:-5] + ".md" if args.json.endswith(".json") else results_path("load_time", device, "md"))
+    device = benchmark_device(args, "load_time")
     if args.quick:
         args.counts, args.repeats = "1,10", 2
     if args.threads:
@@ -164,11 +160,7 @@ def main(argv=None) -> int:
         env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"environment": env, "rows": rows, "max_abs_output_diff_ours_vs_peft": diffs,
               "setup": f"MiniLM-L6, LoRA r={args.rank} on every linear (37 layers), adapters saved to a temp dir"}
-    for path, text in ((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as fh:
-            fh.write(text)
-        os.replace(path + ".tmp", path)
+    write_texts(((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))))
     print(f"wrote {args.json} and {args.md}")
     return 0
 

@@ -39,7 +39,7 @@ import torch
 import lava_peft as lp
 from lava_peft.mixed_batch import use_grouped_products
 
-from .harness import environment, gpu_lines, peak_memory_gib, reset_peak_memory, results_path, timed_call
+from .harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, timed_call, write_texts
 
 BERT_TARGETS = r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -225,11 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="output JSON (default benchmarks/results/mixed_serving.json; gpu-mixed_serving.json on cuda)")
     ap.add_argument("--md", help="output markdown (default: as --json with .md)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    args.json = args.json or results_path("mixed_serving", device, "json")
-    args.md = args.md or (args.json[:-5] + ".md" if args.json.endswith(".json") else results_path("mixed_serving", device, "md"))
+    device = benchmark_device(args, "mixed_serving")
     if args.quick:
         args.seq, args.new_tokens, args.repeats = 16, 8, 3
     if args.threads:
@@ -251,11 +247,7 @@ def main(argv=None) -> int:
     notes = ["- Indicative when the load average is above the core count (a shared machine): the ratios within "
              "one run are the figures to read; absolute times move with the load."]
     result = {"environment": env, "workloads": infos, "rows": rows, "notes": notes}
-    for path, text in ((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as fh:
-            fh.write(text)
-        os.replace(path + ".tmp", path)
+    write_texts(((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))))
     print(f"wrote {args.json} and {args.md}")
     return 0
 

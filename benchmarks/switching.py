@@ -43,7 +43,7 @@ import warnings
 import torch
 
 import lava_peft as lp
-from benchmarks.harness import environment, gpu_lines, peak_memory_gib, reset_peak_memory, results_path, sync
+from benchmarks.harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, sync, write_texts
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -272,11 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="output JSON (default benchmarks/results/switching.json; gpu-switching.json on cuda)")
     ap.add_argument("--md", help="output markdown (default: as --json with .md)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    args.json = args.json or results_path("switching", device, "json")
-    args.md = args.md or (args.json[:-5] + ".md" if args.json.endswith(".json") else results_path("switching", device, "md"))
+    device = benchmark_device(args, "switching")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(device)
@@ -305,11 +301,7 @@ def main(argv=None) -> int:
             "2048, MLP 5632, 32/4 heads, vocab 32000), fp32, all 7 projections adapted; two copies in memory."
         )
     result = {"environment": env, "models": infos, "rows": rows, "notes": notes}
-    for path, text in ((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as fh:
-            fh.write(text)
-        os.replace(path + ".tmp", path)
+    write_texts(((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))))
     print(f"wrote {args.json} and {args.md}")
     return 0
 
