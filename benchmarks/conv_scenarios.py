@@ -28,13 +28,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lava_peft as lp
 
 from .harness import Variant
-from .scenarios import Scenario, _peft_lora, _quiet_transformers, _want, scenario
+from .scenarios import Scenario, _peft_lora, _quiet_transformers, _want, image_classification_step, scenario
 
 CONV_KINDS = ["frozen", "peft-lora-conv", "lava-lora-conv-peft-targets", "lava-lora-conv", "lava-lora-conv-weight",
               "lava-lora-conv-factored", "lava-conv"]
@@ -140,17 +139,7 @@ def _conv_scenario(args, device, name: str, batch: int, size: int, autocast_dtyp
             notes = f"LAVA CP-conv r={r} on {len(all_convs)} convs, conv_path='auto', orth_lambda={args.orth_lambda}"
         model.train()
 
-        def step(batch, model=model, reg_model=reg_model, frozen_input=frozen_input):
-            x, y = batch
-            if frozen_input:
-                x = x.requires_grad_(True)
-            with autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if reg_model is not None:
-                loss = loss + reg_model.regularization_loss()
-            return loss
-
+        step = image_classification_step(model, reg_model, frozen_input, autocast)
         variants.append(Variant(kind, model, step, make_batch, B, role=role, group="eager", notes=notes))
     depthwise = sum(1 for _, m in all_convs if m.groups > 1)
     precision = "bf16 autocast" if autocast_dtype is not None else "fp32"

@@ -71,6 +71,25 @@ def _freeze_with_input_grad(model: nn.Module) -> nn.Module:
     return model
 
 
+def image_classification_step(model: nn.Module, reg_model, frozen_input: bool, autocast) -> Callable:
+    """Loss of one image-classification step: cross entropy on ``model(x)`` under ``autocast()`` plus
+    ``reg_model.regularization_loss()`` (LAVA's orth term) when given; ``frozen_input`` makes ``x``
+    require grad so that a frozen backbone still runs its backward."""
+
+    def step(batch):
+        x, y = batch
+        if frozen_input:
+            x = x.requires_grad_(True)
+        with autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if reg_model is not None:
+            loss = loss + reg_model.regularization_loss()
+        return loss
+
+    return step
+
+
 def _compile_layers(model: nn.Module, layers: nn.ModuleList) -> None:
     """``torch.compile`` each repeated block (one compiled graph shared by all blocks)."""
     for block in layers:
@@ -358,17 +377,7 @@ def cnn(args, device) -> Scenario:
             role, notes = "lava", f"LAVA CP-conv r={r}, conv_path={path!r}, orth_lambda={args.orth_lambda}"
         model.train()
 
-        def step(batch, model=model, reg_model=reg_model, frozen_input=frozen_input):
-            x, y = batch
-            if frozen_input:
-                x = x.requires_grad_(True)
-            with autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if reg_model is not None:
-                loss = loss + reg_model.regularization_loss()
-            return loss
-
+        step = image_classification_step(model, reg_model, frozen_input, autocast)
         variants.append(Variant(kind, model, step, make_batch, B, role=role, group="eager", notes=notes))
     setup = (f"ResNet blocks {blocks} (ResNet-50 = 3,4,6,3), random init, fp32 weights + "
              f"{'bf16 autocast' if autocast_dtype else 'fp32'}, channels_last, batch {B}x3x{S}x{S}, CE loss, AdamW; "
