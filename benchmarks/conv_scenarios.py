@@ -20,7 +20,11 @@ Rows (one interleaved run, the same pretrained weights in each):
 * ``lava-lora-conv-peft-targets`` — our LoRA (``conv_path="auto"``) on exactly PEFT's convs;
 * ``lava-lora-conv`` — our LoRA on every conv, depthwise included (``auto``), and the same
   with the path forced (``-weight``, ``-factored``) so the automatic choice is checked by measurement;
-* ``lava-conv`` — LAVA (CP on the kernels) on every conv at equal rank, ``conv_path="auto"``.
+* ``lava-conv`` — LAVA (CP on the kernels) on every conv at equal rank, ``conv_path="auto"``;
+* ``lava-conv-equal-budget`` (``-weight`` / ``-separable``: the path forced) — LAVA on exactly PEFT's convs at the one rank whose parameter count is
+  closest to PEFT's LoRA-conv count (``benchmarks.quality.budget.matching_lava_rank``): the
+  equal-budget comparison (a CP rank-1 term costs ``O + I + k1 + k2`` parameters, a LoRA-conv one
+  ``I·k1·k2 + O``, so on 3×3 convs the matched LAVA rank is several times LoRA's).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from torch import nn
 import lava_peft as lp
 
 from .harness import Variant
+from .quality.budget import lava_rank_caps, lora_budget, matching_lava_rank
 from .scenarios import Scenario, _peft_lora, _quiet_transformers, _want, image_classification_step, scenario
 
 CONV_KINDS = ["frozen", "peft-lora-conv", "lava-lora-conv-peft-targets", "lava-lora-conv", "lava-lora-conv-weight",
-              "lava-lora-conv-factored", "lava-conv"]
+              "lava-lora-conv-factored", "lava-conv", "lava-conv-equal-budget",
+              "lava-conv-equal-budget-weight", "lava-conv-equal-budget-separable"]
 
 
 def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -109,6 +115,10 @@ def _conv_scenario(args, device, name: str, batch: int, size: int, autocast_dtyp
     dilated = [n for n, m in all_convs if tuple(m.dilation) != (1, 1)]
     peft_targets = [n for n in grouped_ok if n not in dilated]
 
+    budget = lora_budget(probe, lp.LoraConfig(r=r, target_modules=peft_targets))
+    budget_rank, budget_params = matching_lava_rank(probe, lp.LavaConfig(r=r, target_modules=peft_targets), budget)
+    budget_caps = lava_rank_caps(probe, lp.LavaConfig(r=r, target_modules=peft_targets), budget_rank)
+
     variants = []
     for kind in CONV_KINDS:
         if not _want(args, kind):
@@ -131,6 +141,17 @@ def _conv_scenario(args, device, name: str, batch: int, size: int, autocast_dtyp
             model = lp.adapt(model, lp.LoraConfig(r=r, alpha=2 * r, target_modules=targets, conv_path=path))
             role = "lava" if path == "auto" else "other"
             notes = f"lava_peft LoraConfig(r={r}, conv_path={path!r}) on {len(targets)} convs"
+        elif kind.startswith("lava-conv-equal-budget"):
+            path = kind[len("lava-conv-equal-budget-"):] or "auto"
+            model = lp.adapt(model, lp.LavaConfig(r=budget_rank, alpha=2 * budget_rank, target_modules=peft_targets,
+                                                  rank_pattern=budget_caps, orth_lambda=args.orth_lambda,
+                                                  conv_path=path))
+            reg_model = model
+            role = "lava" if path == "auto" else "other"
+            notes = (f"LAVA CP-conv r={budget_rank} (alpha={2 * budget_rank}, conv_path={path!r}) on PEFT's "
+                     f"{len(peft_targets)} convs: "
+                     f"{budget_params:,} parameters against PEFT's {budget:,} (equal budget)"
+                     + (f"; rank capped at the layer limit on {budget_caps}" if budget_caps else ""))
         else:
             model = lp.adapt(model, lp.LavaConfig(r=r, alpha=2 * r, target_modules=[n for n, _ in all_convs],
                                                   orth_lambda=args.orth_lambda, conv_path="auto"))

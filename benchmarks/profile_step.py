@@ -1,10 +1,13 @@
-"""Where a training step's time goes: torch.profiler (CPU) over the ``cpu-minilm`` variants.
+"""Where a training step's time goes: torch.profiler (CPU) over a scenario's variants.
 
     python -m benchmarks.profile_step --out benchmarks/results/cpu-minilm-profile.md
+    python -m benchmarks.profile_step --scenario cpu-conv --variants frozen,peft-lora-conv,lava-lora-conv-peft-targets \
+        --out benchmarks/results/cpu-conv-profile.md
     python -m benchmarks.profile_step --variants lava,lava-unfused --steps 2 --warmup 1 --batch 8 --out /tmp/p.md
 
-Each variant of :func:`benchmarks.scenarios.cpu_minilm` (the same models, batch and step as
-``python -m benchmarks.run cpu-minilm --fusion``) runs ``--warmup`` steps, ``--timed`` unprofiled
+Each variant of the scenario (default :func:`benchmarks.scenarios.cpu_minilm`: the same models,
+batch and step as ``python -m benchmarks.run cpu-minilm --fusion``; ``--scenario cpu-conv`` with
+``--backbone``: the conv rows of ``python -m benchmarks.run cpu-conv``) runs ``--warmup`` steps, ``--timed`` unprofiled
 steps (median = the step time reported), then ``--steps`` profiled steps.  The table lists the
 ops with the largest *self* CPU time and their share of the summed self time of all ops (the
 step's CPU time, profiler overhead included); ``thin`` products are ``mm``/``addmm`` calls with an
@@ -32,6 +35,8 @@ from .scenarios import SCENARIOS
 THIN = 32
 CATEGORIES = (  # (category, op-name predicate), first match wins
     ("GEMM (mm/addmm/bmm)", lambda n: n in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("convolution (forward + backward)", lambda n: "conv" in n),
+    ("batch norm", lambda n: "batch_norm" in n),
     ("attention (sdpa)", lambda n: "attention" in n or "softmax" in n),
     ("optimizer (AdamW foreach)", lambda n: n.startswith("aten::_foreach") or "adamw" in n.lower() or "Optimizer" in n),
     ("layer norm", lambda n: "layer_norm" in n),
@@ -112,7 +117,8 @@ def _fused_groups(module) -> int | None:
 
 
 def to_markdown(env: dict, setup: str, results: list[dict], top: int, command: str) -> str:
-    lines = ["# Profile of one `cpu-minilm` training step (torch.profiler, CPU)", "",
+    scenario = command.split("--scenario ")[1].split()[0] if "--scenario " in command else "cpu-minilm"
+    lines = [f"# Profile of one `{scenario}` training step (torch.profiler, CPU)", "",
              f"- date (UTC): {env['date_utc']}", f"- command: `{command}`",
              f"- CPU: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}",
              f"- torch {env['torch']}, peft {env['peft']}, transformers {env['transformers']}, "
@@ -142,6 +148,8 @@ def to_markdown(env: dict, setup: str, results: list[dict], top: int, command: s
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", default="cpu-minilm", choices=["cpu-minilm", "cpu-conv"])
+    p.add_argument("--backbone", help="cpu-conv: mobilenet_v2 (default) or craft_vgg16_bn")
     p.add_argument("--variants", default="frozen,peft-lora,lava-lora,lava-lora-unfused,lava,lava-unfused")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed", type=int, default=3, help="unprofiled steps timed before profiling")
@@ -154,13 +162,15 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_argv = ["cpu-minilm", "--device", "cpu", "--fusion", "--variants", args.variants]
-    for flag in ("batch", "seq"):
+    run_argv = [args.scenario, "--device", "cpu", "--variants", args.variants]
+    if args.scenario == "cpu-minilm":
+        run_argv.append("--fusion")
+    for flag in ("batch", "seq", "backbone"):
         if getattr(args, flag):
             run_argv += [f"--{flag}", str(getattr(args, flag))]
     device = torch.device("cpu")
     env = environment(device)
-    scenario = SCENARIOS["cpu-minilm"](parse_run_args(run_argv), device)
+    scenario = SCENARIOS[args.scenario](parse_run_args(run_argv), device)
     results = []
     for v in scenario.variants:
         print(f"[profile] {v.name} ...", flush=True)

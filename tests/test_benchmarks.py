@@ -137,6 +137,38 @@ def test_conv_scenario_on_craft_vgg_leaves_the_dilated_conv_out_of_pefts_targets
     assert "1 dilated conv(s) ['backbone.slice5.1']" in data["notes"][0]
 
 
+def test_equal_budget_lava_conv_row_matches_pefts_parameter_count(tmp_path):
+    """The equal-budget LAVA row adapts PEFT's convs at the CP rank whose count is closest to PEFT's."""
+    import re
+
+    import torch
+    from torch import nn
+
+    from lava_peft.models import load_craft_vgg16_bn
+
+    data, _ = _run(tmp_path, "conv", "--backbone", "craft_vgg16_bn", "--image-size", "32", "--batch", "1",
+                   "--dtype", "fp32", "--no-memory", "--variants", "frozen,peft-lora-conv,lava-conv-equal-budget")
+    rows = _check_rows(data, ["frozen", "peft-lora-conv", "lava-conv-equal-budget"])
+    r = int(re.search(r"CP-conv r=(\d+)", rows["lava-conv-equal-budget"]["notes"]).group(1))
+    convs = [m for n, m in load_craft_vgg16_bn(num_classes=10).named_modules()
+             if isinstance(m, nn.Conv2d) and tuple(m.dilation) == (1, 1)]
+    assert len(convs) == 13
+
+    def cp_count(rank):  # independent: a CP rank-1 term of an O×I×k1×k2 kernel, rank capped at prod/max
+        total = 0
+        for m in convs:
+            dims = [m.out_channels, m.in_channels // m.groups, *m.kernel_size]
+            cap = int(torch.tensor(dims).prod()) // max(dims)
+            total += min(rank, cap) * sum(dims)
+        return total
+
+    peft = rows["peft-lora-conv"]["trainable_params"]
+    assert peft == sum(8 * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels) for m in convs)
+    assert rows["lava-conv-equal-budget"]["trainable_params"] == cp_count(r)
+    assert abs(cp_count(r) - peft) <= min(abs(cp_count(r - 1) - peft), abs(cp_count(r + 1) - peft))
+    assert r > 8  # a 3×3 CP term is several times cheaper than a LoRA-conv one
+
+
 # --------------------------------------------------------------------------- gpu_all.sh / gpu_summary.py
 GPU_ALL = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_all.sh")
 GPU_SCENARIOS = ["llm", "cnn", "llm-quant", "minilm", "conv-mobilenet", "conv-craft", "mixed_serving", "switching",

@@ -32,6 +32,11 @@ def rank_caps(specs, r: int, limit_fn) -> dict[str, int]:
     return {name: limit_fn(spec) for name, spec in specs if limit_fn(spec) < r}
 
 
+def lava_rank_caps(model, config, r: int) -> dict[str, int]:
+    """``rank_pattern`` entries that keep LAVA rank ``r`` within each targeted layer's limit."""
+    return rank_caps(_specs(model, config), r, LavaAdapter.max_rank_for)
+
+
 def lora_budget(model, config) -> int:
     return sum(lora_params(s, config.r) for _, s in _specs(model, config))
 
