@@ -103,6 +103,14 @@ def _ms(xs):
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
+def _cell(xs, digits: str = ".3g") -> str:
+    """``mean ± std``, or the single value when there is one seed (no ``± nan``)."""
+    if len(xs) == 1:
+        return format(xs[0], digits)
+    m, sd = _ms(xs)
+    return f"{format(m, digits)} ± {sd:.2g}"
+
+
 def report(result: dict) -> str:
     runs, meta = result["runs"], result["meta"]
     s = meta["settings"]
@@ -110,8 +118,10 @@ def report(result: dict) -> str:
     lines = ["# Gradient variance and cost of LAVA's orthogonality regularizer", "",
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
              f"- settings: {s}", f"- wall time: {meta['wall_s'] / 60:.1f} min", "",
-             "**Reduced size**: the full-size run (4k train, 3 epochs, 5 seeds) is unmeasured here; it is "
-             "the second command of `python -m benchmarks.quality.grad_variance --help`.", "",
+             ("**Full size** (4k train, 3 epochs)" if s.get("n_train", 0) >= 4000 and s.get("epochs", 0) >= 3 else
+              "**Reduced size**: the full-size run (4k train, 3 epochs, 5 seeds) is the second command of "
+              "`python -m benchmarks.quality.grad_variance --help`")
+             + f"; seeds run: {sorted({r['seed'] for r in runs})}.", "",
              "## Trace of the gradient covariance across minibatches (data loss, adapter tensors, all layers)", "",
              "mean ± std over seeds; `var/‖ḡ‖²` is the noise-to-signal ratio at that state.", ""]
     steps = sorted({p["step"] for r in runs for p in r["probes"]})
@@ -123,8 +133,8 @@ def report(result: dict) -> str:
         for k in steps:
             v = [p["var"] for r in rs for p in r["probes"] if p["step"] == k]
             q = [p["var"] / p["mean_sq"] for r in rs for p in r["probes"] if p["step"] == k and p["mean_sq"] > 0]
-            cells.append("%.3g ± %.2g" % _ms(v))
-            ratios.append("%.3g ± %.2g" % _ms(q) if q else "-")
+            cells.append(_cell(v))
+            ratios.append(_cell(q) if q else "-")
         lines.append(f"| {lam:g} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines += ["", "## Loss-curve spread across seeds, held-out accuracy (λ sweep), cost of the orth term", "",
               "`loss std` = std across seeds of the per-step training loss, averaged over the steps of the last "
@@ -139,9 +149,10 @@ def report(result: dict) -> str:
         per_step = [statistics.stdev(col) for col in zip(*[r["losses"][half:] for r in rs])] if len(rs) > 1 else [0]
         share = [r["t_reg_s"] / (r["t_reg_s"] + r["t_data_s"]) for r in rs]
         acc = [100 * r["accuracy"] for r in rs]
-        lines.append(f"| {lam:g} | {len(rs)} | %.3f ± %.3f | {statistics.mean(per_step):.3f} | %.1f ± %.1f | "
-                     "%.2f %% | %.4f |" % (*_ms(last), *_ms(acc), 100 * statistics.mean(share),
-                                          statistics.mean(r["t_reg_s"] / r["steps"] for r in rs)))
+        spread = f"{statistics.mean(per_step):.3f}" if len(rs) > 1 else "– (1 seed)"
+        lines.append(f"| {lam:g} | {len(rs)} | {_cell(last, '.3f')} | {spread} | {_cell(acc, '.1f')} | "
+                     "%.2f %% | %.4f |" % (100 * statistics.mean(share),
+                                           statistics.mean(r["t_reg_s"] / r["steps"] for r in rs)))
     lines += [""] + result.get("notes", [])
     return "\n".join(lines) + "\n"
 
