@@ -354,6 +354,26 @@ def gpu_lines(env: dict) -> list[str]:
     return [f"- GPU: {env['gpu']} ({env.get('gpu_memory_gib')} GiB), CUDA {env.get('cuda')}"]
 
 
+def serving_header_lines(env: dict) -> list[str]:
+    """The date, command, machine (with the load average at start and end), versions and GPU bullets
+    that head the markdown of the serving benchmarks (switching, load time, mixed batches)."""
+    return [
+        f"- date (UTC): {env['date_utc']}",
+        f"- command: `{env['command']}`",
+        f"- machine: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
+        f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
+        f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
+        f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
+        *gpu_lines(env),
+    ]
+
+
+def record_load_end(env: dict) -> None:
+    """Store the load average at the end of a run as ``env["loadavg_end"]`` (where the OS reports one)."""
+    if hasattr(os, "getloadavg"):
+        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+
 def results_path(stem: str, device: torch.device, ext: str) -> str:
     """Default output path: ``benchmarks/results/<stem>.<ext>`` on the CPU, ``gpu-<stem>.<ext>`` on CUDA
     (so a GPU run never overwrites the committed CPU results)."""
@@ -440,7 +460,12 @@ def benchmark_device(args, stem: str | None = None) -> torch.device:
     return device
 
 
+def write_json_and_markdown(result: dict, json_path: str, md_path: str, render: Callable[[dict], str]) -> None:
+    """Write ``result`` as JSON and ``render(result)`` as markdown (atomically) and say where."""
+    write_texts(((json_path, json.dumps(result, indent=1) + "\n"), (md_path, render(result))))
+    print(f"wrote {json_path} and {md_path}")
+
+
 def write_results(result: dict, json_path: str | None, md_path: str | None) -> None:
-    if hasattr(os, "getloadavg"):
-        result["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(result["environment"])
     write_texts(((json_path, json.dumps(result, indent=1) + "\n"), (md_path, to_markdown(result) if md_path else "")))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -183,7 +182,7 @@ def step_benchmark(makers: dict, task, args) -> list[dict]:
 
 
 def run(args) -> dict:
-    from benchmarks.harness import environment
+    from benchmarks.harness import environment, record_load_end
     from lava_peft.data import load_rotten_tomatoes
     from lava_peft.train import Trainer, TrainingArguments
     from lava_peft.train.causal_lm import build_causal_lm_task
@@ -236,8 +235,7 @@ def run(args) -> dict:
     bench = step_benchmark(makers, task, args)
     env["torch_threads"] = threads
     env["command"] = "nice -n 10 python -m benchmarks.instruct_demo " + " ".join(args.argv)
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(env)
     return {"environment": env, "sizes": {**vars(args), "vocab_actual": len(tok), "lm_params": pre["params"],
                                           "pretrain_tokens": pre["tokens"], "argv": None},
             "pretrain": pre, "data": task.stats, "majority_rate": max(sum(test.labels), len(test.labels) -

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,8 @@ import torch
 
 import lava_peft as lp
 
-from .harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, sync, write_texts
+from .harness import (benchmark_device, environment, peak_memory_gib, record_load_end, reset_peak_memory,
+                      serving_header_lines, sync, write_json_and_markdown)
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -156,12 +156,10 @@ def main(argv=None) -> int:
                     rows[-1]["peak_mem_gib"] = max(peaks[lib])
                 print(f"{n:4d} adapters {lib:17s} {med * 1e3:9.1f} ms  ({med / n * 1e3:.1f} ms/adapter)  "
                       f"x PEFT {rows[-1]['x_peft']:.2f}", flush=True)
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(env)
     result = {"environment": env, "rows": rows, "max_abs_output_diff_ours_vs_peft": diffs,
               "setup": f"MiniLM-L6, LoRA r={args.rank} on every linear (37 layers), adapters saved to a temp dir"}
-    write_texts(((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))))
-    print(f"wrote {args.json} and {args.md}")
+    write_json_and_markdown(result, args.json, args.md, to_markdown)
     return 0
 
 
@@ -169,13 +167,7 @@ def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
         f"# Adapter load time: lava-peft vs HF PEFT ({'GPU' if env.get('gpu') else 'CPU'})", "",
-        f"- date (UTC): {env['date_utc']}",
-        f"- command: `{env['command']}`",
-        f"- machine: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
-        f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
-        f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
-        f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
-        *gpu_lines(env),
+        *serving_header_lines(env),
         f"- setup: {result['setup']}; a trial loads n adapters into a fresh copy of the base (the copy is not "
         "timed); ours and PEFT alternate; median over the repeats (min in brackets). `× PEFT` = our median / "
         "PEFT's (lower is better). Ours runs with its default integrity checks (config, base fingerprint of names "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,8 @@ import torch
 import lava_peft as lp
 from lava_peft.mixed_batch import use_grouped_products
 
-from .harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, timed_call, write_texts
+from .harness import (benchmark_device, environment, peak_memory_gib, record_load_end, reset_peak_memory,
+                      serving_header_lines, timed_call, write_json_and_markdown)
 
 BERT_TARGETS = r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,13 +178,7 @@ def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
         f"# Mixed-adapter batches: lava-peft vs HF PEFT `adapter_names` ({'GPU' if env.get('gpu') else 'CPU'})", "",
-        f"- date (UTC): {env['date_utc']}",
-        f"- command: `{env['command']}`",
-        f"- machine: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
-        f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
-        f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
-        f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
-        *gpu_lines(env),
+        *serving_header_lines(env),
         "- method: one process, every (row, library) call once per repeat in rotating order, `torch.no_grad`, "
         "median over the repeats. `× single` = throughput / the same library's single-adapter throughput "
         "(target for 8 adapters: ≥ 0.8); `× PEFT` = our throughput / PEFT's in the same row. `ours-loop` = ours "
@@ -242,13 +236,11 @@ def main(argv=None) -> int:
                 print(f"{row['workload']:15s} {row['row']:12s} {row['library']:9s} {row['median_ms']:9.1f} ms "
                       f"x_single {row['x_single']:.2f}" + (f" x_peft {row['x_peft']:.2f}" if row["x_peft"] else ""),
                       flush=True)
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(env)
     notes = ["- Indicative when the load average is above the core count (a shared machine): the ratios within "
              "one run are the figures to read; absolute times move with the load."]
     result = {"environment": env, "workloads": infos, "rows": rows, "notes": notes}
-    write_texts(((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))))
-    print(f"wrote {args.json} and {args.md}")
+    write_json_and_markdown(result, args.json, args.md, to_markdown)
     return 0
 
 

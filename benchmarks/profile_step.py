@@ -19,7 +19,6 @@ shares much less.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .harness import environment, train_step
+from .harness import environment, record_load_end, train_step, write_texts
 from .run import parse_args as parse_run_args
 from .scenarios import SCENARIOS
 
@@ -175,15 +174,10 @@ def main(argv=None) -> list[dict]:
     for v in scenario.variants:
         print(f"[profile] {v.name} ...", flush=True)
         results.append(profile_variant(v, device, args.warmup, args.timed, args.steps))
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(env)
     command = "python -m benchmarks.profile_step " + " ".join(sys.argv[1:] if argv is None else argv)
     text = to_markdown(env, scenario.setup, results, args.top, command)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+    write_texts(((args.out, text),))
     print(text)
     return results
 

@@ -43,7 +43,8 @@ import warnings
 import torch
 
 import lava_peft as lp
-from benchmarks.harness import benchmark_device, environment, gpu_lines, peak_memory_gib, reset_peak_memory, sync, write_texts
+from benchmarks.harness import (benchmark_device, environment, peak_memory_gib, record_load_end, reset_peak_memory,
+                                serving_header_lines, sync, write_json_and_markdown)
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -222,13 +223,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"# Adapter switching: lava-peft vs HF PEFT ({'GPU' if env.get('gpu') else 'CPU'})",
         "",
-        f"- date (UTC): {env['date_utc']}",
-        f"- command: `{env['command']}`",
-        f"- machine: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
-        f"load average start/end {env.get('loadavg_start')} / {env.get('loadavg_end')}",
-        f"- versions: python {env['python']}, torch {env['torch']}, peft {env['peft']}, transformers "
-        f"{env['transformers']}, lava-peft {env['lava_peft']} (git {env['git']})",
-        *gpu_lines(env),
+        *serving_header_lines(env),
         "- method: both libraries hold the same adapter tensors (ours exported with `lp.export_peft`); "
         "operations alternate between the two model copies; median of the repeats (min in brackets). "
         "Each repeat times both sides back to back (who goes first alternates). `× PEFT` = our median / PEFT's "
@@ -292,8 +287,7 @@ def main(argv=None) -> int:
                 for row in r:
                     print(f"  {row['operation']:24s} {row['variant']:6s} {row['median_ms']:10.2f} ms  x{row['x_peft']:.2f}"
                           f"  paired x{row['x_peft_paired']:.2f}  min x{row['x_peft_min']:.2f}", flush=True)
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    record_load_end(env)
     notes = []
     if "llama" in args.models:
         notes.append(
@@ -301,8 +295,7 @@ def main(argv=None) -> int:
             "2048, MLP 5632, 32/4 heads, vocab 32000), fp32, all 7 projections adapted; two copies in memory."
         )
     result = {"environment": env, "models": infos, "rows": rows, "notes": notes}
-    write_texts(((args.json, json.dumps(result, indent=1) + "\n"), (args.md, to_markdown(result))))
-    print(f"wrote {args.json} and {args.md}")
+    write_json_and_markdown(result, args.json, args.md, to_markdown)
     return 0
 
 

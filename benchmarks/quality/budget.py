@@ -16,10 +16,11 @@ def _specs(model: nn.Module, config) -> list[tuple[str, object]]:
 
 
 def lora_params(spec, r: int) -> int:
-    return min(r, _lora_limit(spec)) * (spec.in_dim * math.prod(spec.kernel_size) + spec.out_dim)
+    return min(r, lora_rank_limit(spec)) * (spec.in_dim * math.prod(spec.kernel_size) + spec.out_dim)
 
 
-def _lora_limit(spec) -> int:
+def lora_rank_limit(spec) -> int:
+    """The largest useful LoRA rank of a layer: ``min(O, I·ΠK)``."""
     return min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
 
 
@@ -41,14 +42,18 @@ def lora_budget(model, config) -> int:
     return sum(lora_params(s, config.r) for _, s in _specs(model, config))
 
 
-def matching_lava_rank(model, config, budget: int, r_max: int = 512) -> tuple[int, int]:
-    """The LAVA rank whose adapter parameter count is closest to ``budget`` (ranks capped per layer)."""
-    specs = _specs(model, config)
+def matching_rank(specs, count_fn, budget: int, r_max: int = 512) -> tuple[int, int]:
+    """``(r, count)``: the rank whose total ``Σ count_fn(spec, r)`` over ``specs`` is closest to ``budget``."""
     best = None
     for r in range(1, r_max + 1):
-        n = sum(lava_params(s, r) for _, s in specs)
+        n = sum(count_fn(s, r) for _, s in specs)
         if best is None or abs(n - budget) < abs(best[1] - budget):
             best = (r, n)
         if n > budget * 1.5:
             break
     return best
+
+
+def matching_lava_rank(model, config, budget: int, r_max: int = 512) -> tuple[int, int]:
+    """The LAVA rank whose adapter parameter count is closest to ``budget`` (ranks capped per layer)."""
+    return matching_rank(_specs(model, config), lava_params, budget, r_max)

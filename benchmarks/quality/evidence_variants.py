@@ -44,7 +44,7 @@ from lava_peft.layers import layer_ops
 from lava_peft.methods.lava import LavaAdapter
 from lava_peft.methods.tucker_conv import tucker_max_rank, tucker_params
 
-from .budget import lava_params, lora_params, rank_caps
+from .budget import lava_params, lora_params, lora_rank_limit, matching_rank, rank_caps
 
 LORA_RANK = 8
 
@@ -54,30 +54,15 @@ def _specs(model, targets, heads):
     return [(n, layer_ops(m).spec(m)) for n, m in find_targets(model, probe)]
 
 
-def _lora_limit(spec) -> int:
-    return min(spec.out_dim, spec.in_dim * math.prod(spec.kernel_size))
-
-
 def _tucker_count(spec, r: int) -> int:
     if spec.kind != "conv":
         return lava_params(spec, r)
     return tucker_params(spec, min(r, tucker_max_rank(spec)))
 
 
-def _matching_rank(specs, count_fn, budget: int) -> int:
-    best = None
-    for r in range(1, 513):
-        n = sum(count_fn(s, r) for _, s in specs)
-        if best is None or abs(n - budget) < abs(best[1] - budget):
-            best = (r, n)
-        if n > 1.5 * budget:
-            break
-    return best[0]
-
-
 def lora(task, targets, lam=None):
     specs = _specs(task.model, targets, task.heads)
-    caps = rank_caps(specs, LORA_RANK, _lora_limit)
+    caps = rank_caps(specs, LORA_RANK, lora_rank_limit)
     cfg = lp.LoraConfig(r=LORA_RANK, alpha=2 * LORA_RANK, target_modules=targets, modules_to_save=task.heads,
                         rank_pattern=caps)
     return lp.adapt(task.model, cfg), {"rank": LORA_RANK}
@@ -87,10 +72,10 @@ def _lava(task, targets, factorization="cp", **fields):
     specs = _specs(task.model, targets, task.heads)
     budget = sum(lora_params(s, LORA_RANK) for _, s in specs)
     if factorization == "tucker":
-        r = _matching_rank(specs, _tucker_count, budget)
+        r = matching_rank(specs, _tucker_count, budget)[0]
         caps = {}
     else:
-        r = _matching_rank(specs, lava_params, budget)
+        r = matching_rank(specs, lava_params, budget)[0]
         caps = rank_caps(specs, r, LavaAdapter.max_rank_for)
     fields.setdefault("orth_lambda", 0.1)
     cfg = lp.LavaConfig(r=r, alpha=2 * r, target_modules=targets, modules_to_save=task.heads, rank_pattern=caps,
@@ -145,7 +130,7 @@ def lava_dwlora(task, targets):
     dense = [n for n, s in specs if n not in depthwise]
     budget = sum(lora_params(s, LORA_RANK) for _, s in specs)
     budget -= sum(lora_params(s, LORA_RANK) for n, s in specs if n in depthwise)
-    r = _matching_rank([(n, s) for n, s in specs if n in dense], lava_params, budget)
+    r = matching_rank([(n, s) for n, s in specs if n in dense], lava_params, budget)[0]
     caps = rank_caps([(n, s) for n, s in specs if n in dense], r, LavaAdapter.max_rank_for)
     cfg = lp.LavaConfig(r=r, alpha=2 * r, target_modules=targets, modules_to_save=task.heads, rank_pattern=caps,
                         orth_lambda=0.1)
@@ -183,7 +168,7 @@ def lava_vstep(task, targets):
 
 def dora(task, targets):
     specs = _specs(task.model, targets, task.heads)
-    caps = rank_caps(specs, LORA_RANK, _lora_limit)
+    caps = rank_caps(specs, LORA_RANK, lora_rank_limit)
     cfg = lp.LoraConfig(r=LORA_RANK, alpha=2 * LORA_RANK, target_modules=targets, modules_to_save=task.heads,
                         rank_pattern=caps, use_dora=True)
     return lp.adapt(task.model, cfg), {"rank": LORA_RANK}

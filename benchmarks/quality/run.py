@@ -41,7 +41,7 @@ import lava_peft as lp
 from lava_peft.train import Trainer, TrainingArguments, set_seed
 from lava_peft.train.tasks import build_task
 
-from .budget import lora_params, matching_lava_rank, rank_caps
+from .budget import lora_params, lora_rank_limit, matching_lava_rank, rank_caps
 from lava_peft.methods.lava import LavaAdapter
 
 
@@ -98,7 +98,7 @@ def make_model(suite: Suite, method: str, task):
 
     specs = [(n, layer_ops(m).spec(m)) for n, m in find_targets(model, probe)]
     if method == "lora":
-        caps = rank_caps(specs, suite.lora_rank, lambda s: min(s.out_dim, s.in_dim * _prod(s.kernel_size)))
+        caps = rank_caps(specs, suite.lora_rank, lora_rank_limit)
         cfg = lp.LoraConfig(r=suite.lora_rank, alpha=2 * suite.lora_rank, target_modules=suite.targets,
                             modules_to_save=heads, rank_pattern=caps)
         return lp.adapt(model, cfg), {"rank": suite.lora_rank}
@@ -110,13 +110,6 @@ def make_model(suite: Suite, method: str, task):
     cfg = lp.LavaConfig(r=r, alpha=2 * r, target_modules=suite.targets, modules_to_save=heads, orth_lambda=lam,
                         rank_pattern=caps)
     return lp.adapt(model, cfg), {"rank": r, "rank_caps": len(caps)}
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def run_one(suite: Suite, method: str, seed: int, progress: bool) -> dict:
