@@ -116,8 +116,9 @@ def _conv_scenario(args, device, name: str, batch: int, size: int, autocast_dtyp
     peft_targets = [n for n in grouped_ok if n not in dilated]
 
     budget = lora_budget(probe, lp.LoraConfig(r=r, target_modules=peft_targets))
-    budget_rank, budget_params = matching_lava_rank(probe, lp.LavaConfig(r=r, target_modules=peft_targets), budget)
-    budget_caps = lava_rank_caps(probe, lp.LavaConfig(r=r, target_modules=peft_targets), budget_rank)
+    lava_probe = lp.LavaConfig(r=r, target_modules=peft_targets)
+    budget_rank, budget_params = matching_lava_rank(probe, lava_probe, budget)
+    budget_caps = lava_rank_caps(probe, lava_probe, budget_rank)
 
     variants = []
     for kind in CONV_KINDS:
